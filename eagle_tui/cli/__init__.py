@@ -1,0 +1,100 @@
+"""`eagle`: one Typer command per pipeline step, plus `eagle run CONFIG` and `eagle demo`.
+
+Each command module exposes `register(app)`. Command modules must not import torch, transformers
+or datasets at import time (a test checks `eagle --help` stays light).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Optional
+
+import click
+import typer
+
+from core import __version__
+from core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EagleError
+from eagle_tui.cli import common
+
+app = typer.Typer(
+    name="eagle",
+    help="Train, measure, export and serve EAGLE-3 speculative-decoding drafts.\n\n"
+    "Exit codes: 0 ok, 1 failure, 2 usage / bad input / missing optional dependency, 130 interrupted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class EventsFormat(str, enum.Enum):
+    text = "text"
+    jsonl = "jsonl"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"eagle {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    events: EventsFormat = typer.Option("text", "--events", help="Progress output: 'text' for "
+                                        "people, 'jsonl' for one JSON event per line on stdout "
+                                        "(scripts, the TUI)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also EAGLE_DEBUG=1)."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+) -> None:
+    common.STATE.events = events.value
+    common.STATE.debug = debug
+
+
+def _register_all() -> None:
+    from eagle_tui.cli import (cache_cmd, data_cmd, eval_cmd, export_cmd, plan_cmd, regen_cmd,
+                               run_cmd, serve_cmd, train_cmd, vocab_cmd)
+
+    for mod in (data_cmd, regen_cmd, vocab_cmd, cache_cmd, plan_cmd, train_cmd, eval_cmd,
+                export_cmd, serve_cmd, run_cmd):
+        mod.register(app)
+
+
+_register_all()
+
+
+def _fail(message: str, code: int) -> int:
+    if common.jsonl_mode():
+        from core.events import JsonlSink, StageFailed
+
+        JsonlSink(sys.stdout)(StageFailed(stage="eagle", message=message, exit_code=code))
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except EagleError as e:
+        if common.debug_enabled():
+            raise
+        return _fail(str(e), e.exit_code)
+    except Exception as e:  # unexpected: one line unless --debug
+        if common.debug_enabled():
+            raise
+        return _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_FAILURE)
+
+
+def entry() -> None:
+    sys.exit(main())

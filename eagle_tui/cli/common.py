@@ -1,0 +1,51 @@
+"""Shared CLI plumbing: global options, the event sink for a command, error rendering.
+
+Command modules import only this, typer and `core` config/error modules at import time; anything
+heavy (torch, transformers, datasets) is imported inside the command body so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import typer
+
+from core.events import EventSink, JsonlSink
+
+
+@dataclass
+class GlobalOptions:
+    events: str = "text"  # "text" (human output) or "jsonl" (machine-readable events on stdout)
+    debug: bool = False
+
+
+STATE = GlobalOptions()
+
+
+def debug_enabled() -> bool:
+    return STATE.debug or os.environ.get("EAGLE_DEBUG", "") not in ("", "0")
+
+
+def jsonl_mode() -> bool:
+    return STATE.events == "jsonl"
+
+
+def make_sink(stage: str = "") -> EventSink:
+    """The sink a command hands to core: JSON lines on stdout, or a rich console renderer."""
+    if jsonl_mode():
+        return JsonlSink(sys.stdout)
+    from eagle_tui.render import ConsoleSink
+
+    return ConsoleSink()
+
+
+def echo(msg: str = "") -> None:
+    """Human output; in jsonl mode it goes to stderr so stdout stays pure JSON lines."""
+    print(msg, file=sys.stderr if jsonl_mode() else sys.stdout, flush=True)
+
+
+ResumeOpt = typer.Option(False, "--resume", help="Continue the work found in the output directory.")
+EventsOpt = Optional[str]
