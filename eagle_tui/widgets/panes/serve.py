@@ -1,0 +1,51 @@
+"""Pane 5: measure the draft (acceptance length), export it and show the SGLang / vLLM command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.widgets import Static
+
+from eagle_tui.widgets import estimates
+from eagle_tui.widgets.form import FieldRow
+from eagle_tui.widgets.panes.base import Pane
+
+
+class ServePane(Pane):
+    TITLE = "Evaluate & Serve"
+    SECTIONS = ("eval", "export", "serve")
+    STEPS = ("eval", "export")
+
+    def compose(self) -> ComposeResult:
+        yield Static("Measure the acceptance length, export, and serve", classes="pane-title")
+        yield FieldRow("eval.enabled", "Evaluate", "bool", hint="speculative decoding against the target")
+        yield FieldRow("eval.num_prompts", "Prompts", "int", minimum=1)
+        yield FieldRow("eval.num_draft_tokens", "Draft tokens", "int", minimum=1,
+                       hint="proposed per verification step")
+        yield FieldRow("eval.max_new_tokens", "Max new tokens", "int", minimum=1)
+        yield FieldRow("export.format", "Export format", "choice", choices=[
+            ("SGLang / vLLM (EAGLE-3 checkpoint)", "sglang"), ("speculators", "speculators")])
+        yield FieldRow("export.output_dir", "Export folder", "optstr", placeholder="WORKDIR/export")
+        yield FieldRow("serve.engine", "Serving engine", "choice", choices=[("SGLang", "sglang"), ("vLLM", "vllm")])
+        yield FieldRow("serve.num_steps", "Speculative steps", "int", minimum=1)
+        yield FieldRow("serve.topk", "Speculative top-k", "int", minimum=1)
+        yield FieldRow("serve.num_draft_tokens", "Verify tokens", "int", minimum=1,
+                       hint="with top-k 1: steps + 1")
+        yield FieldRow("serve.tp_size", "Tensor parallel", "int", minimum=1)
+        yield FieldRow("serve.port", "Port", "int", minimum=1, maximum=65535)
+        yield Static(id="serve-command", classes="command")
+
+    def sync(self, cfg: Any) -> None:
+        for row in self.rows():
+            if row.path.startswith("eval.") and row.path != "eval.enabled":
+                row.disabled = not cfg.eval.enabled
+        self.query_one("#serve-command", Static).update(serve_command_text(cfg))
+
+
+def serve_command_text(cfg: Any) -> Text:
+    cmd = estimates.serve_command(cfg)
+    out = Text(f"Serve it with {cfg.serve.engine}:\n", style="bold")
+    out.append(cmd, style="green" if not cmd.startswith("(") else "italic")
+    return out

@@ -1,0 +1,39 @@
+"""Pane 4: train the EAGLE-3 draft (training-time test length, learning rate, length, batch, processes)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.widgets import Static
+
+from eagle_tui.widgets.form import FieldRow
+from eagle_tui.widgets.panes.base import Pane
+
+
+class TrainPane(Pane):
+    TITLE = "Train"
+    SECTIONS = ("train",)
+    STEPS = ("train",)
+
+    def compose(self) -> ComposeResult:
+        yield Static("Train the draft: one decoder layer over the target's three hidden states",
+                     classes="pane-title")
+        yield FieldRow("train.ttt_length", "TTT length", "int", minimum=1,
+                       hint="draft steps unrolled per position (training-time test)")
+        yield FieldRow("train.decay", "Step loss decay", "float", minimum=0.0001, maximum=1,
+                       hint="weight of step k is decay^k")
+        yield FieldRow("train.lr", "Learning rate", "float", minimum=1e-12)
+        yield FieldRow("train.warmup_ratio", "Warm-up ratio", "float", minimum=0, maximum=1)
+        yield FieldRow("train.epochs", "Epochs", "int", minimum=1)
+        yield FieldRow("train.max_steps", "Max steps", "optint", minimum=1, placeholder="by epochs",
+                       hint="stop after this many optimizer steps")
+        yield FieldRow("train.max_tokens_per_batch", "Batch tokens", "int", minimum=8,
+                       hint="packed tokens per micro-batch")
+        yield FieldRow("train.grad_accum", "Grad accumulation", "int", minimum=1)
+        yield FieldRow("train.grad_clip", "Grad clip", "float", minimum=0)
+        yield FieldRow("train.val_fraction", "Validation share", "float", minimum=0, maximum=0.99)
+        yield FieldRow("train.save_every", "Save every", "int", minimum=1, hint="steps between checkpoints")
+        yield FieldRow("train.keep_last", "Keep checkpoints", "int", minimum=1)
+        yield FieldRow("train.num_layers", "Draft layers", "int", minimum=1)
+        yield FieldRow("train.nproc", "Processes", "int", minimum=1, hint="torchrun --nproc-per-node")
+        yield FieldRow("train.seed", "Seed", "int")
+        yield FieldRow("train.output_dir", "Output folder", "optstr", placeholder="WORKDIR/run")

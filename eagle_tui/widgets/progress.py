@@ -1,0 +1,108 @@
+"""Dashboard pieces drawn from a `StageView`: overall bar with rate/ETA, and one bar per shard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar as RichBar
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from eagle_tui.jobs import StageView
+from eagle_tui.widgets.estimates import fmt_time
+
+MAX_SHARD_ROWS = 12
+
+
+def _rate(s: StageView) -> str:
+    if s.rate is None:
+        return ""
+    text = f"{s.rate:.3g} {s.unit}/s"
+    tps = s.extra.get("tokens_per_s")
+    if isinstance(tps, (int, float)):
+        text += f" · {tps:,.0f} tok/s"
+    return text
+
+
+class StageProgress(Static):
+    """Overall progress of the current stage: bar, done/total, throughput, ETA, failures."""
+
+    def show(self, s: StageView | None, width: int = 50) -> None:
+        if s is None:
+            self.update(Text("waiting for the first event…", style="italic dim"))
+            return
+        t = Table.grid(padding=(0, 1))
+        t.add_column(width=8)
+        t.add_column(width=width)
+        t.add_column()
+        total = s.total or 0
+        bar = RichBar(total=total or None, completed=s.done, width=width,
+                      pulse=not total and s.status == "running")
+        state = {"finished": ("✔", "green"), "failed": ("✘", "red")}.get(s.status, ("", ""))
+        label = f"{s.done}/{total} {s.unit}" if total else f"{s.done} {s.unit}"
+        t.add_row(Text(s.name, style="bold"), bar, Text(f"{label} {state[0]}", style=state[1]))
+        info = [x for x in (_rate(s), f"ETA {fmt_time(s.eta_s)}" if s.eta_s is not None and s.status == "running"
+                            else "", f"failures {s.failures}") if x]
+        t.add_row("", Text(" · ".join(info), style="red" if s.failures else "dim"), "")
+        self.update(t)
+
+
+class ShardBars(Static):
+    """One bar per shard: finished shards full, the shard being written partly (from done counts)."""
+
+    def show(self, s: StageView | None, width: int = 30) -> None:
+        if s is None or (not s.shards and not s.shard_size):
+            self.update(Text("no shards yet", style="dim"))
+            return
+        size = s.shard_size
+        total_shards = s.shards_total
+        if total_shards is None and size and s.total:
+            total_shards = -(-s.total // size)
+        written = sum(s.shards.values())
+        in_flight = max(0, s.done - written)
+        shown = sorted(s.shards)
+        nxt = next((i for i in range(total_shards or (max(shown, default=-1) + 2)) if i not in s.shards), None)
+        if nxt is not None and s.status == "running":
+            shown.append(nxt)
+        hidden = max(0, len(shown) - MAX_SHARD_ROWS)
+        t = Table.grid(padding=(0, 1))
+        t.add_column(width=10)
+        t.add_column(width=width)
+        t.add_column()
+        for i in shown[hidden:]:
+            if i in s.shards:
+                n = s.shards[i]
+                t.add_row(f"shard {i}", RichBar(total=max(n, 1), completed=max(n, 1), width=width),
+                          Text(f"{n} ✓", style="green"))
+            else:
+                cap = size or max(in_flight, 1)
+                if s.total and size:  # the last shard may be short
+                    cap = min(size, max(1, s.total - written))
+                t.add_row(f"shard {i}", RichBar(total=cap, completed=min(in_flight, cap), width=width),
+                          Text(f"{min(in_flight, cap)}/{cap}"))
+        head = Text(f"Shards {len(s.shards)}/{total_shards if total_shards else '?'} written"
+                    + (f" (first {hidden} not shown)" if hidden else ""), style="bold")
+        self.update(Group(head, t))
+
+
+def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
+    """`regen ✔ · cache ▶ · train …` for a multi-step job."""
+    out = Text()
+    for i, step in enumerate(steps):
+        s = stages.get(step)
+        mark, style = ("…", "dim") if s is None else {
+            "finished": ("✔", "green"), "failed": ("✘", "red")}.get(s.status, ("▶", "bold cyan"))
+        if i:
+            out.append(" · ", style="dim")
+        out.append(f"{step} {mark}", style=style)
+    return out
+
+
+def summary_text(summary: dict[str, Any]) -> Text:
+    out = Text()
+    for k, v in summary.items():
+        out.append(f"{k}: ", style="bold")
+        out.append((f"{v:.4g}" if isinstance(v, float) else str(v)) + "\n")
+    return out
