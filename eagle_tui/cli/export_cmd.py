@@ -1,9 +1,80 @@
-"""`eagle export` commands (not built yet)."""
+"""`eagle export`: serving folders for SGLang / vLLM, `--check` any folder, `--from` convert others'."""
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import typer
+
+from eagle_tui.cli import common
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("export")
+    def export(
+        source: Optional[str] = typer.Argument(None, help="Training run or checkpoint folder (or a "
+                                               "serving folder to re-export)."),
+        output: Optional[str] = typer.Option(None, "--output", "-o", help="New folder to write."),
+        fmt: str = typer.Option("sglang", "--format", help="sglang: config.json + model.safetensors "
+                                "that SGLang and vLLM both load; speculators: vLLM's speculators format."),
+        check: Optional[str] = typer.Option(None, "--check", help="Explain every problem of a draft "
+                                            "folder (ours or a third party's); exit 1 if any error."),
+        from_dir: Optional[str] = typer.Option(None, "--from", help="Convert a NeMo Automodel, SpecForge "
+                                               "or speculators checkpoint into the serving format."),
+        target: Optional[str] = typer.Option(None, "--target", help="Target model (folder or hub id): "
+                                             "recorded in the export; a local folder also supplies "
+                                             "embeddings, rope_theta and the layer count to --from."),
+        rope_theta: Optional[float] = typer.Option(None, "--rope-theta", help="--from: the rope_theta the "
+                                                   "draft was trained with, when the source omits it."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (as trained) | float32 | bfloat16 | float16"),
+        no_embed: bool = typer.Option(False, "--no-embed", help="Leave out embed_tokens (engines share "
+                                      "the target's when the hidden sizes match)."),
+        num_spec_tokens: int = typer.Option(3, "--num-speculative-tokens", help="speculators format: "
+                                            "speculative_tokens of the proposal method."),
+        as_json: bool = typer.Option(False, "--json", help="--check: print the report as JSON."),
+    ) -> None:
+        """Export a draft for serving, check a draft folder, or convert another tool's checkpoint.
+
+        Exit codes: 0 ok, 1 problems found (--check) or failure, 2 bad arguments.
+        """
+        from core.errors import UsageError
+
+        modes = [m for m in (source, check, from_dir) if m]
+        if len(modes) != 1:
+            raise UsageError("give exactly one of: SOURCE (run/checkpoint), --check DIR, --from DIR")
+        if check:
+            from core.export import check_folder, render_report
+
+            report = check_folder(check)
+            if as_json or common.jsonl_mode():
+                print(json.dumps(report.to_dict(), indent=None if common.jsonl_mode() else 2))
+            else:
+                common.echo(render_report(report))
+            if not report.ok:
+                raise typer.Exit(1)
+            return
+        if not output:
+            raise UsageError("--output DIR is required")
+        sink = common.make_sink("export")
+        if from_dir:
+            if fmt != "sglang":
+                raise UsageError("--from writes the sglang serving format; re-export it with "
+                                 "--format speculators afterwards")
+            from core.export import ConvertConfig, convert_checkpoint
+
+            res = convert_checkpoint(ConvertConfig(source=from_dir, output_dir=output, target=target,
+                                                   rope_theta=rope_theta, dtype=dtype,
+                                                   include_embed=not no_embed), sink)
+            common.echo(f"converted {from_dir} ({res.source_layout}) -> {res.output_dir}")
+            for f in res.fixes:
+                common.echo(f"  fixed: {f}")
+            return
+        from core.export import ExportConfig, export_draft
+
+        res = export_draft(ExportConfig(source=source, output_dir=output, format=fmt, target=target,
+                                        dtype=dtype, include_embed=not no_embed,
+                                        num_speculative_tokens=num_spec_tokens), sink)
+        common.echo(f"exported {source} -> {res.output_dir} ({res.format} format)")
+        for w in res.meta.get("warnings", []):
+            common.echo(f"  note: {w}")

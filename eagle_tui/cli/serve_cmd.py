@@ -1,9 +1,74 @@
-"""`eagle serve` commands (not built yet)."""
+"""`eagle serve`: print and run the SGLang / vLLM command for a target + EAGLE-3 draft."""
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import typer
+
+from eagle_tui.cli import common
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("serve", context_settings={"allow_extra_args": True})
+    def serve(
+        ctx: typer.Context,
+        target: str = typer.Option(..., "--target", help="Target model: folder or hub id."),
+        draft: str = typer.Option(..., "--draft", help="Run, checkpoint, serving folder, or hub id "
+                                  "(passed through untouched)."),
+        engine: str = typer.Option("sglang", "--engine", help="sglang | vllm"),
+        num_steps: int = typer.Option(3, "--num-steps", help="Draft steps per verification."),
+        topk: int = typer.Option(1, "--topk", help="Draft branches per step (1 = chain)."),
+        num_draft_tokens: Optional[int] = typer.Option(None, "--num-draft-tokens",
+                                                       help="SGLang: tokens verified per step "
+                                                       "(with --topk 1 it must be --num-steps + 1)."),
+        tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel GPUs."),
+        mem_fraction: Optional[float] = typer.Option(None, "--mem-fraction", help="GPU memory fraction "
+                                                     "(SGLang --mem-fraction-static, vLLM "
+                                                     "--gpu-memory-utilization)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Engine dtype (auto, bfloat16, ...)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
+        port: Optional[int] = typer.Option(None, "--port", help="Port (SGLang 30000, vLLM 8000)."),
+        export_dir: Optional[str] = typer.Option(None, "--export-dir", help="Where a run/checkpoint "
+                                                 "is exported (default <run>/export/<step>)."),
+        print_only: bool = typer.Option(False, "--print-only", help="Print the command; write and "
+                                        "start nothing."),
+        bench: bool = typer.Option(False, "--bench", help="GPU: start the server with and without the "
+                                   "draft, send a fixed prompt set, report accept length and speedup."),
+        bench_prompts: int = typer.Option(16, "--bench-prompts", help="--bench: prompts per server."),
+        bench_max_tokens: int = typer.Option(256, "--bench-max-tokens", help="--bench: tokens per answer."),
+        bench_output: Optional[str] = typer.Option(None, "--bench-output", help="--bench: JSON report path."),
+    ) -> None:
+        """Serve a target with an EAGLE-3 draft (extra engine arguments after `--`).
+
+        Exit codes: 0 ok, 1 failure, 2 bad arguments / refused draft / engine not installed.
+        """
+        from core.serve import ServeConfig, exec_server, plan, prepare
+
+        cfg = ServeConfig(target=target, draft=draft, engine=engine, num_steps=num_steps, topk=topk,
+                          num_draft_tokens=num_draft_tokens, tp_size=tp_size, mem_fraction=mem_fraction,
+                          dtype=dtype, host=host, port=port, extra_args=list(ctx.args),
+                          print_only=print_only, export_dir=export_dir)
+        if bench:
+            from core.serve_bench import BenchConfig, bench_servers
+
+            report = bench_servers(BenchConfig(serve=cfg, num_prompts=bench_prompts,
+                                               max_new_tokens=bench_max_tokens, output=bench_output),
+                                   common.make_sink("bench"))
+            common.echo(json.dumps(report, indent=2))
+            return
+        if print_only:
+            p = plan(cfg)
+            if common.jsonl_mode():
+                print(json.dumps(p.to_dict()))
+            else:
+                for note in p.draft.notes:
+                    common.echo(f"# {note}")
+                print(p.command())
+            return
+        p = prepare(cfg, common.make_sink("serve"))
+        for note in p.draft.notes:
+            common.echo(f"# {note}")
+        common.echo(p.command())
+        exec_server(p)

@@ -1,0 +1,172 @@
+"""Export an EAGLE-3 draft for serving: `export_draft(ExportConfig, events)`.
+
+Sources: an eagle-tui training run or checkpoint (core.train), or an existing serving folder
+(re-export, e.g. to the speculators format or another dtype). Third-party checkpoints go through
+`convert_checkpoint` (`eagle export --from`). Every export is validated before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputDataError, UsageError
+from core.events import EventSink, NullSink, StageFinished, StageStarted
+from core.export.check import CheckReport, check_folder, render_report
+from core.export.convert import ConvertConfig, ConvertResult, convert_checkpoint
+from core.export.format import (CONFIG, META, chat_template_hash, draft_config_from_serving,
+                                read_export, write_export)
+
+__all__ = ["ExportConfig", "ExportResult", "export_draft", "check_folder", "CheckReport",
+           "render_report", "ConvertConfig", "ConvertResult", "convert_checkpoint",
+           "load_export_draft"]
+
+FORMATS = ("sglang", "speculators")
+
+
+@dataclass
+class ExportConfig:
+    source: str  # run dir, checkpoint dir, or serving folder
+    output_dir: str
+    format: str = "sglang"  # sglang (loads in SGLang and vLLM) | speculators (vLLM)
+    target: str | None = None  # overrides the target recorded by the run (path or hub id)
+    dtype: str = "auto"  # auto (as trained) | float32 | bfloat16 | float16
+    include_embed: bool = True
+    num_speculative_tokens: int = 3  # speculators proposal method
+
+    def validate(self) -> "ExportConfig":
+        if self.format not in FORMATS:
+            raise UsageError(f"--format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if not Path(self.source).is_dir():
+            raise InputDataError("no such run, checkpoint or export folder", path=self.source)
+        return self
+
+
+@dataclass
+class ExportResult:
+    output_dir: str
+    format: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _target_info(target: str | None, recorded: dict[str, Any]) -> dict[str, Any]:
+    info = {k: v for k, v in (recorded or {}).items() if v is not None}
+    if target:
+        info["name_or_path"] = target
+    tp = info.get("name_or_path")
+    if tp and (Path(tp) / CONFIG).is_file():
+        cfg = json.loads((Path(tp) / CONFIG).read_text())
+        cfg = cfg.get("text_config") or cfg
+        info.setdefault("num_hidden_layers", cfg.get("num_hidden_layers"))
+        info.setdefault("hidden_size", cfg.get("hidden_size"))
+        info.setdefault("vocab_size", cfg.get("vocab_size"))
+        info.setdefault("architectures", cfg.get("architectures"))
+        info["chat_template_sha256"] = chat_template_hash(tp) or info.get("chat_template_sha256")
+    return info
+
+
+def _from_run(source: Path) -> tuple[dict, dict, dict, dict]:
+    """(draft config dict, state dict, produced_by, recorded target info) of a run / checkpoint."""
+    from core.serve import find_checkpoint
+    from core.train.checkpoint import load_draft_from_run
+
+    ckpt = find_checkpoint(source)
+    draft, info = load_draft_from_run(str(ckpt or source))
+    info = dict(info or {})
+    cfg = draft.config.to_dict()
+    state = {k: v for k, v in draft.state_dict().items()}
+    step = info.get("step")
+    produced_by = {"kind": "train", "source": str((ckpt or source).resolve()), "step": step,
+                   "tau_sim": info.get("tau_sim")}
+    target = info.get("target") or {}
+    if isinstance(target, str):
+        target = {"name_or_path": target}
+    return cfg, state, produced_by, dict(target)
+
+
+def export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportResult:
+    from core.serve import find_checkpoint
+
+    events = events or NullSink()
+    cfg.validate()
+    source = Path(cfg.source)
+    events(StageStarted(stage="export", settings={"source": str(source), "format": cfg.format,
+                                                  "output_dir": cfg.output_dir}))
+    if find_checkpoint(source) is not None:
+        draft_cfg, state, produced_by, recorded = _from_run(source)
+    elif (source / CONFIG).is_file():
+        report = check_folder(source)
+        if not report.ok:
+            raise UsageError(f"{source} has problems; convert it instead of re-exporting",
+                             hint=f"eagle export --from {source} --output {cfg.output_dir}")
+        config, state, meta = read_export(source)
+        draft_cfg = draft_config_from_serving(config, meta)
+        produced_by = {"kind": "re-export", "source": str(source.resolve()),
+                       "original": meta.get("produced_by")}
+        recorded = meta.get("target") or {}
+    else:
+        raise InputDataError("neither a training run/checkpoint nor a serving folder", path=str(source),
+                             hint="third-party checkpoints: eagle export --from DIR --output OUT")
+    target = _target_info(cfg.target, recorded)
+    if draft_cfg.get("target_num_hidden_layers") is None and target.get("num_hidden_layers"):
+        draft_cfg["target_num_hidden_layers"] = int(target["num_hidden_layers"])
+    if cfg.format == "speculators":
+        from core.export.speculators import write_speculators_export
+
+        meta = write_speculators_export(cfg.output_dir, draft_cfg, state, produced_by=produced_by,
+                                        target=target, speculative_tokens=cfg.num_speculative_tokens,
+                                        include_embed=cfg.include_embed, dtype=cfg.dtype)
+    else:
+        meta = write_export(cfg.output_dir, draft_cfg, state, produced_by=produced_by, target=target,
+                            include_embed=cfg.include_embed, dtype=cfg.dtype)
+    events(StageFinished(stage="export", summary={"output_dir": cfg.output_dir, "format": cfg.format,
+                                                  "aux_layer_ids": meta.get("aux_layer_ids"),
+                                                  "warnings": meta.get("warnings", [])}))
+    return ExportResult(cfg.output_dir, cfg.format, meta)
+
+
+def load_export_draft(folder: str | Path, target_model: Any = None, *, target_num_layers: int | None = None):
+    """An Eagle3Draft from a serving folder (ours or a third party's in the same format).
+
+    embed_tokens may be absent (the engines share the target's): it is then taken from
+    `target_model` (a transformers model). Returns (draft, config dict, meta).
+    """
+    import torch
+
+    from core.model import DraftConfig, Eagle3Draft
+
+    folder = Path(folder)
+    report = check_folder(folder)
+    if not report.ok or report.layout not in ("eagle-tui", "sglang"):
+        raise UsageError(f"{folder} is not a loadable serving folder:\n{render_report(report)}",
+                         hint=f"convert it: eagle export --from {folder} --output DIR")
+    config, tensors, meta = read_export(folder)
+    d = draft_config_from_serving(config, meta)
+    if d.get("target_num_hidden_layers") is None:
+        d["target_num_hidden_layers"] = target_num_layers
+    if d.get("target_num_hidden_layers") is None and target_model is not None:
+        d["target_num_hidden_layers"] = int(target_model.config.num_hidden_layers)
+    d["torch_dtype"] = str(tensors["fc.weight"].dtype).replace("torch.", "")
+    if d.get("aux_layer_ids") is None:
+        d["aux_layer_ids"] = []  # DraftConfig fills in the default for the target's depth
+    draft_cfg = DraftConfig.from_dict(d)
+    tensors = {k: v for k, v in tensors.items()}
+    if "embed_tokens.weight" not in tensors:
+        if target_model is None:
+            raise UsageError(f"{folder} has no embed_tokens; the target's embeddings are needed")
+        tensors["embed_tokens.weight"] = target_model.get_input_embeddings().weight.detach().cpu()
+    if "t2d" not in tensors:
+        t2d = torch.zeros(draft_cfg.vocab_size, dtype=torch.bool)
+        t2d[tensors["d2t"].long() + torch.arange(tensors["d2t"].numel())] = True
+        tensors["t2d"] = t2d
+    draft = Eagle3Draft(draft_cfg)
+    dtype = tensors["fc.weight"].dtype
+    draft.to(dtype)
+    missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise UsageError(f"{folder}: keys do not match the draft (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    draft.eval()
+    return draft, config, meta

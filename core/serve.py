@@ -1,0 +1,270 @@
+"""`eagle serve`: the exact SGLang / vLLM command line for a target + EAGLE-3 draft, then exec it.
+
+SGLang (eagle3-reference.md section 7):
+    python -m sglang.launch_server --model-path T --speculative-algorithm EAGLE3
+      --speculative-draft-model-path D --speculative-num-steps 3 --speculative-eagle-topk 1
+      --speculative-num-draft-tokens 4 --host 127.0.0.1 --port 30000 [--tp-size] [--mem-fraction-static]
+      [--dtype] [extra args]
+vLLM:
+    vllm serve T --speculative-config '{"method": "eagle3", "model": D, "num_speculative_tokens": 3}'
+      --host 127.0.0.1 --port 8000 [--tensor-parallel-size] [--gpu-memory-utilization] [--dtype] [extra]
+With top-k 1 (chain drafting) SGLang needs num_draft_tokens == num_steps + 1; vLLM's EAGLE-3 path
+here is chain-only and drafts num_steps tokens.
+
+The draft may be a hub id (passed through untouched), a serving folder (checked first: a folder that
+would serve random weights is refused), or an eagle-tui run / checkpoint (exported first into
+`<run>/export/<step>`; with print_only nothing is written and the plan says what would be exported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputDataError, MissingDependencyError, UsageError
+
+ENGINES = ("sglang", "vllm")
+DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+INSTALL = {"sglang": ('pip install "sglang[all]"', "serve with SGLang"),
+           "vllm": ("pip install vllm", "serve with vLLM")}
+
+
+@dataclass
+class ServeConfig:
+    target: str
+    draft: str
+    engine: str = "sglang"
+    num_steps: int = 3
+    topk: int = 1
+    num_draft_tokens: int | None = None  # default: num_steps + 1 (chain)
+    tp_size: int = 1
+    mem_fraction: float | None = None
+    dtype: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    print_only: bool = False
+    export_dir: str | None = None  # where a run / checkpoint is exported (default <run>/export/<step>)
+
+    def validate(self) -> "ServeConfig":
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.num_steps < 1:
+            raise UsageError("--num-steps must be >= 1")
+        if self.topk < 1:
+            raise UsageError("--topk must be >= 1")
+        if self.num_draft_tokens is None:
+            self.num_draft_tokens = self.num_steps + 1 if self.topk == 1 else self.num_steps * self.topk + 1
+        if self.topk == 1 and self.num_draft_tokens != self.num_steps + 1:
+            raise UsageError(f"with --topk 1 (chain drafting) --num-draft-tokens must be --num-steps + 1 "
+                             f"= {self.num_steps + 1}, got {self.num_draft_tokens}")
+        if self.num_draft_tokens < 2:
+            raise UsageError("--num-draft-tokens must be >= 2")
+        if self.engine == "vllm" and self.topk != 1:
+            raise UsageError("vLLM's EAGLE-3 serving here drafts a chain: use --topk 1",
+                             hint="tree drafting (top-k > 1) is an SGLang option")
+        if self.tp_size < 1:
+            raise UsageError("--tp-size must be >= 1")
+        if self.mem_fraction is not None and not 0.0 < self.mem_fraction <= 1.0:
+            raise UsageError("--mem-fraction must be in (0, 1]")
+        if self.port is None:
+            self.port = DEFAULT_PORTS[self.engine]
+        if not 1 <= int(self.port) <= 65535:
+            raise UsageError(f"--port {self.port} is not a TCP port")
+        if not self.host:
+            raise UsageError("--host must not be empty")
+        if not self.target:
+            raise UsageError("--target is required")
+        return self
+
+
+@dataclass
+class DraftPlan:
+    kind: str  # hub | export | speculators | run
+    serve_path: str  # what goes on the engine's command line
+    source: str | None = None  # the checkpoint to export (kind "run")
+    export_needed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServePlan:
+    argv: list[str]
+    draft: DraftPlan
+    engine: str
+
+    def command(self) -> str:
+        import shlex
+
+        return shlex.join(self.argv)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"argv": self.argv, "command": self.command(), "engine": self.engine,
+                "draft": vars(self.draft)}
+
+
+# ---- draft resolution --------------------------------------------------------------------------
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder (holding draft.safetensors) of a run dir or checkpoint dir, or None."""
+    if (path / "draft.safetensors").is_file():
+        return path
+    for base in (path, path / "checkpoints"):
+        latest = base / "latest"
+        if latest.is_symlink() or latest.is_dir():
+            cand = latest.resolve()
+        elif latest.is_file():
+            cand = (path / "checkpoints" / latest.read_text().strip())
+            if not cand.is_dir():
+                cand = base / latest.read_text().strip()
+        else:
+            continue
+        if (cand / "draft.safetensors").is_file():
+            return cand
+    ckpts = sorted((path / "checkpoints").glob("step-*"), key=lambda p: _step_of(p))
+    ckpts = [c for c in ckpts if (c / "draft.safetensors").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _step_of(p: Path) -> int:
+    m = re.search(r"(\d+)$", p.name)
+    return int(m.group(1)) if m else -1
+
+
+def default_export_dir(ckpt: Path) -> Path:
+    """<run>/export/<step-N> for <run>/checkpoints/<step-N>; <ckpt>-export otherwise."""
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "export" / ckpt.name
+    return ckpt.parent / f"{ckpt.name}-export"
+
+
+def resolve_draft(cfg: ServeConfig) -> DraftPlan:
+    from core.export.check import check_folder
+    from core.export.validate import PEAGLE_HINT, errors_only
+
+    p = Path(os.path.expanduser(cfg.draft))
+    if not p.exists():
+        if HUB_ID.match(cfg.draft) and not cfg.draft.startswith((".", "/", "~")):
+            return DraftPlan("hub", cfg.draft, notes=["hub id passed through untouched"])
+        raise InputDataError("no such draft folder (and not a hub id like org/name)", path=cfg.draft)
+    if not p.is_dir():
+        raise InputDataError("the draft must be a folder (run, checkpoint or export) or a hub id",
+                             path=str(p))
+    ckpt = find_checkpoint(p)
+    if ckpt is not None:
+        out = Path(cfg.export_dir) if cfg.export_dir else default_export_dir(ckpt)
+        reuse = _matching_export(out, ckpt)
+        notes = [f"reusing the export of {ckpt} in {out}" if reuse else
+                 f"{ckpt} is a training checkpoint: export needed "
+                 f"(eagle export {ckpt} --output {out})"]
+        return DraftPlan("run", str(out), source=str(ckpt), export_needed=not reuse, notes=notes)
+    report = check_folder(p)
+    peagle = [q for q in report.problems if q.code == "p_eagle"]
+    if peagle:
+        raise UsageError(f"{p} is a P-EAGLE (parallel drafting) draft, which "
+                         f"{'SGLang' if cfg.engine == 'sglang' else 'the EAGLE-3 path'} cannot serve",
+                         hint=PEAGLE_HINT)
+    if report.layout == "speculators":
+        if cfg.engine == "sglang":
+            raise UsageError(f"{p} is in the speculators format, which SGLang does not load",
+                             hint=f"use --engine vllm, or convert: eagle export --from {p} --output DIR")
+        errs = [q for q in errors_only(report.problems)]
+    else:
+        errs = errors_only(report.problems)
+    if errs:
+        first = errs[0]
+        raise UsageError(f"{p} would not serve correctly: {len(errs)} problem(s), first: "
+                         f"{first.code}: {first.message}",
+                         hint=f"details: eagle export --check {p}; fix: eagle export --from {p} --output DIR")
+    return DraftPlan("speculators" if report.layout == "speculators" else "export",
+                     str(Path(report.checked_dir).resolve()))
+
+
+def _matching_export(out: Path, ckpt: Path) -> bool:
+    meta = out / "eagle_export.json"
+    if not meta.is_file():
+        return False
+    try:
+        m = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (m.get("produced_by") or {}).get("source") == str(ckpt.resolve())
+
+
+# ---- argv --------------------------------------------------------------------------------------
+
+def build_argv(cfg: ServeConfig, draft_path: str | None, *, with_draft: bool = True) -> list[str]:
+    """The engine command line. with_draft=False gives the no-speculation baseline (bench)."""
+    if cfg.engine == "sglang":
+        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", cfg.target]
+        if with_draft:
+            argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(draft_path),
+                     "--speculative-num-steps", str(cfg.num_steps),
+                     "--speculative-eagle-topk", str(cfg.topk),
+                     "--speculative-num-draft-tokens", str(cfg.num_draft_tokens)]
+        argv += ["--host", cfg.host, "--port", str(cfg.port)]
+        if cfg.tp_size > 1:
+            argv += ["--tp-size", str(cfg.tp_size)]
+        if cfg.mem_fraction is not None:
+            argv += ["--mem-fraction-static", str(cfg.mem_fraction)]
+    else:
+        argv = ["vllm", "serve", cfg.target]
+        if with_draft:
+            spec = {"method": "eagle3", "model": str(draft_path), "num_speculative_tokens": cfg.num_steps}
+            argv += ["--speculative-config", json.dumps(spec)]
+        argv += ["--host", cfg.host, "--port", str(cfg.port)]
+        if cfg.tp_size > 1:
+            argv += ["--tensor-parallel-size", str(cfg.tp_size)]
+        if cfg.mem_fraction is not None:
+            argv += ["--gpu-memory-utilization", str(cfg.mem_fraction)]
+    if cfg.dtype:
+        argv += ["--dtype", cfg.dtype]
+    return argv + list(cfg.extra_args)
+
+
+def plan(cfg: ServeConfig) -> ServePlan:
+    """Validate, resolve the draft and build the command; writes nothing."""
+    cfg.validate()
+    draft = resolve_draft(cfg)
+    return ServePlan(build_argv(cfg, draft.serve_path), draft, cfg.engine)
+
+
+def require_engine(engine: str) -> None:
+    if engine == "sglang":
+        found = importlib.util.find_spec("sglang") is not None
+    else:
+        found = shutil.which("vllm") is not None or importlib.util.find_spec("vllm") is not None
+    if not found:
+        install, purpose = INSTALL[engine]
+        raise MissingDependencyError(engine, purpose, install)
+
+
+def prepare(cfg: ServeConfig, events=None) -> ServePlan:
+    """plan(), then make it runnable: the engine must be installed; a run is exported."""
+    p = plan(cfg)
+    require_engine(cfg.engine)
+    if p.draft.export_needed:
+        from core.export import ExportConfig, export_draft
+
+        export_draft(ExportConfig(source=str(p.draft.source), output_dir=p.draft.serve_path,
+                                  target=cfg.target), events)
+        p.draft.export_needed = False
+        p.draft.notes.append(f"exported {p.draft.source} to {p.draft.serve_path}")
+    return p
+
+
+def exec_server(p: ServePlan) -> None:  # pragma: no cover - replaces this process
+    exe = p.argv[0]
+    if p.engine == "vllm":
+        exe = shutil.which("vllm") or exe
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(exe, p.argv)
