@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from core.errors import UsageError
+from core.errors import InputDataError, UsageError
 
 # Private-use code points: never in real text, untouched by templates' trim/strip/split.
 _SENTINEL_USER = "\ue000user\ue001"
@@ -186,16 +187,21 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
 
 def load_tokenizer(path: str):
     """A fast tokenizer from a local folder (offline); 'demo' means the embedded demo target."""
-    from pathlib import Path
-
     if path == "demo":
         from core.assets import demo_target
 
         path = str(demo_target())
-    elif not Path(path).exists():
-        from core.errors import InputDataError
-
+    folder = Path(path)
+    if not folder.exists():
         raise InputDataError("tokenizer folder not found", path=path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in
+                                   ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise InputDataError("no tokenizer files here (tokenizer.json / tokenizer_config.json)",
+                             path=path, hint="give the target model's folder")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputDataError(f"cannot load a tokenizer: {first}", path=path) from e
