@@ -1,0 +1,363 @@
+"""`regenerate(cfg, events)`: replay a chat dataset against the target and write the new dataset.
+
+Flow: validate the config -> refuse a bad output directory -> load conversations -> (start a
+server) -> send samples with bounded concurrency -> journal each finished sample -> seal a shard
+(parquet + manifest checksum) as soon as all of its samples are done, failed or skipped.
+
+Shards cover fixed blocks of `shard_size` input positions, so a resumed run rebuilds exactly the
+same shards; the journal (not the shards) is the source of truth for what is finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import FailureLimitError, OutputExistsError, SettingsMismatchError
+from core.events import (EventSink, Log, NullSink, Progress, RateMeter, SampleFailed, ShardDone,
+                         StageFinished, StageStarted)
+from core.manifest import diff_settings, load_manifest, prepare_output_dir, sha256_file
+from core.regen.client import ChatClient, RequestFailed, ServerPool
+from core.regen.config import FORMAT_VERSION, RegenConfig
+from core.regen.journal import DONE, FAILED, SKIPPED, Journal
+from core.regen.turns import Skip, plan, replay
+from core.regen.writer import shard_name, write_failures, write_shard
+
+STAGE = "regen"
+WORK_DIR = ".regen"  # journal and server log: not part of the dataset
+
+
+@dataclass
+class RegenResult:
+    output_dir: str
+    total: int
+    done: int
+    failed: int
+    skipped: int
+    bad_rows: int
+    shards: int
+    tokens_generated: int
+    prompt_tokens: int
+    requested: int  # samples sent in this run (not counting resumed ones)
+    retries: int
+    elapsed_s: float
+    samples_per_s: float
+    tokens_per_s: float
+    resumed: bool
+    dead_servers: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _input_fingerprint(convs: list) -> str:
+    h = hashlib.sha256()
+    for c in convs:
+        h.update(json.dumps([c.index, c.messages], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _precheck_output(cfg: RegenConfig, settings: dict[str, Any]) -> None:
+    """The refusal rules, checked before the (possibly slow) input load."""
+    d = Path(cfg.output_dir)
+    if not d.exists() or not any(d.iterdir()):
+        return
+    if not cfg.resume:
+        raise OutputExistsError(f"{d} already holds earlier output",
+                                hint="pass --resume to continue it, or choose an empty directory")
+    m = load_manifest(d)
+    if m is not None and m.kind == "regen":
+        diff = diff_settings(m.settings, settings)
+        if diff:
+            raise SettingsMismatchError(str(d), diff)
+
+
+def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult:
+    """The one public entry of the regen stage (see the module docstring)."""
+    events = events or NullSink()
+    cfg.validate()
+    settings = cfg.content_settings()
+    _precheck_output(cfg, settings)
+
+    from core.data import DataSpec, load_conversations  # lazy: pulls in datasets/pyarrow
+
+    source = cfg.input_data
+    if source == "demo":
+        from core.assets import demo_dataset
+
+        source = str(demo_dataset(events=events))
+    spec = DataSpec(source=source, split=cfg.split, messages_column=cfg.messages_column,
+                    shuffle_seed=cfg.shuffle_seed, limit=cfg.limit, strict=cfg.strict)
+    convs, report = load_conversations(spec, events=events)
+    fingerprint = _input_fingerprint(convs)
+    manifest, resumed = prepare_output_dir(cfg.output_dir, "regen", FORMAT_VERSION, settings,
+                                           cfg.resume)
+    old = manifest.extra.get("input_fingerprint")
+    if resumed and old is not None and old != fingerprint:
+        raise SettingsMismatchError(cfg.output_dir, {"input content": (old, fingerprint)})
+    manifest.extra.update(input_fingerprint=fingerprint, total=len(convs))
+    manifest.save(cfg.output_dir)
+
+    with contextlib.ExitStack() as stack:
+        urls, model = cfg.server_urls(), cfg.model
+        if model == "demo":  # the embedded SmolLM2; `transformers serve` pins it by its path
+            from core.assets import demo_target
+
+            model = str(demo_target(events=events))
+        if cfg.launch:
+            from core.target_server import start_target_server
+
+            events(Log(stage=STAGE, message=f"starting a {cfg.launch} server for {model}"))
+            server = stack.enter_context(start_target_server(
+                cfg.launch, model, extra_args=cfg.launch_args, device=cfg.launch_device,
+                ready_timeout=cfg.launch_ready_timeout,
+                log_path=Path(cfg.output_dir) / WORK_DIR / f"{cfg.launch}-server.log"))
+            events(Log(stage=STAGE, message=f"target server ready at {server.url}"))
+            urls, model = [server.url], server.model_name
+        run = _Run(cfg, events, convs, report, manifest, resumed, urls, model)
+        return asyncio.run(run.main())
+
+
+class _Run:
+    def __init__(self, cfg, events, convs, report, manifest, resumed, urls, model):
+        self.cfg, self.events, self.convs, self.manifest = cfg, events, convs, manifest
+        self.resumed, self.urls, self.model = resumed, urls, model
+        self.out = Path(cfg.output_dir)
+        self.bad_rows = [{"index": int(b.index), "kind": "bad_row", "reason": f"{b.reason}: {b.detail}",
+                          "attempts": 0} for b in report.bad_rows]
+        self.journal = Journal(self.out / WORK_DIR / "journal.jsonl")
+        self.n_shards = (len(convs) + cfg.shard_size - 1) // cfg.shard_size
+        self.requested = self.tokens_now = 0
+        self.seal_lock = asyncio.Lock()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _counts(self) -> dict[str, int]:
+        c = {DONE: 0, FAILED: 0, SKIPPED: 0}
+        for e in self.journal.entries.values():
+            c[e["status"]] += 1
+        return c
+
+    def _shard_positions(self, k: int) -> range:
+        return range(k * self.cfg.shard_size, min(len(self.convs), (k + 1) * self.cfg.shard_size))
+
+    def _shard_finished(self, k: int) -> bool:
+        return all(self.convs[p].index in self.journal.entries for p in self._shard_positions(k))
+
+    def _failure_records(self) -> list[dict[str, Any]]:
+        recs = [{"index": e["index"], "kind": e["status"], "reason": e["reason"],
+                 "attempts": e.get("attempts", 0)}
+                for e in self.journal.entries.values() if e["status"] != DONE]
+        return recs + self.bad_rows
+
+    def _seal(self, k: int) -> None:
+        """Write shard k from the journal, record its checksum, refresh failures.jsonl."""
+        rows, failed, skipped = [], 0, 0
+        for p in self._shard_positions(k):
+            conv = self.convs[p]
+            e = self.journal.entries[conv.index]
+            if e["status"] == DONE:
+                rows.append({**e, "original_messages": conv.messages})
+            else:
+                failed += e["status"] == FAILED
+                skipped += e["status"] == SKIPPED
+        name = shard_name(k)
+        write_shard(self.out / name, rows, with_reasoning=self.cfg.reasoning == "save")
+        pos = self._shard_positions(k)
+        self.manifest.add_shard(self.out, name, len(rows), failed=failed, skipped=skipped,
+                                first_position=pos.start, last_position=pos.stop - 1)
+        self._refresh_manifest()
+        write_failures(self.out, self._failure_records())
+
+    def _refresh_manifest(self, complete: bool = False, **extra: Any) -> None:
+        c = self._counts()
+        self.manifest.extra.update(done=c[DONE], failed=c[FAILED], skipped=c[SKIPPED],
+                                   bad_rows=len(self.bad_rows), shards_total=self.n_shards, **extra)
+        self.manifest.complete = complete
+        self.manifest.save(self.out)
+
+    def _sealed_ok(self, k: int) -> bool:
+        rec = next((s for s in self.manifest.shards if s["file"] == shard_name(k)), None)
+        p = self.out / shard_name(k)
+        return rec is not None and p.exists() and sha256_file(p) == rec["sha256"]
+
+    # -- the run ---------------------------------------------------------------------------
+    async def main(self) -> RegenResult:
+        cfg, t0 = self.cfg, time.monotonic()
+        for stray in self.out.glob(".*.tmp"):  # temp files of writes cut by a kill
+            stray.unlink(missing_ok=True)
+        self.journal.load()
+        if self.journal.torn_bytes:
+            self.events(Log(stage=STAGE, level="warning", message=(
+                f"dropped a torn last journal line ({self.journal.torn_bytes} bytes); that sample "
+                "will be sent again")))
+        self.journal.open()
+        try:
+            return await self._main(t0)
+        finally:
+            self.journal.close()
+
+    async def _main(self, t0: float) -> RegenResult:
+        cfg, events = self.cfg, self.events
+        todo: list[int] = []
+        for p, conv in enumerate(self.convs):
+            e = self.journal.entries.get(conv.index)
+            if e is not None and not (cfg.retry_failed and e["status"] == FAILED):
+                continue
+            try:
+                slots = plan(conv.messages, cfg.turns)
+            except Skip as s:
+                self.journal.append({"index": conv.index, "status": SKIPPED, "reason": s.reason,
+                                     "attempts": 0})
+                continue
+            todo.append(p)
+        already = len(self.convs) - len(todo)
+        events(StageStarted(stage=STAGE, total=len(self.convs), unit="samples", settings={
+            **self.manifest.settings, "servers": self.urls, "concurrency": cfg.concurrency,
+            "resumed": self.resumed, "already_finished": already, "to_send": len(todo)}))
+        if self.resumed:
+            events(Log(stage=STAGE, message=f"resuming: {already} of {len(self.convs)} samples "
+                                            f"already finished, {len(todo)} to send"))
+        # seal shards that were finished before a kill but not (or not completely) written
+        for k in range(self.n_shards):
+            if self._shard_finished(k) and not self._sealed_ok(k):
+                self._seal(k)
+        self.meter = RateMeter(total=len(self.convs), already_done=already)
+        self.t_send = time.monotonic()
+        self.pool = None
+        if todo:
+            pool = self.pool = ServerPool(self.urls, dead_after=cfg.dead_after)
+            client = ChatClient(pool, self.model, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p,
+                                disable_thinking=cfg.reasoning == "disable",
+                                request_timeout=cfg.request_timeout, max_retries=cfg.max_retries,
+                                backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max,
+                                connections=cfg.concurrency + 4)
+            self.client = client
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for p in todo:
+                queue.put_nowait(p)
+            try:
+                async with client, asyncio.TaskGroup() as tg:
+                    for _ in range(min(cfg.concurrency, len(todo))):
+                        tg.create_task(self._worker(queue))
+            except BaseExceptionGroup as eg:
+                self._refresh_manifest()
+                write_failures(self.out, self._failure_records())
+                raise _first_meaningful(eg) from None
+        return self._finish(t0)
+
+    async def _worker(self, queue: asyncio.Queue[int]) -> None:
+        cfg = self.cfg
+        while True:
+            try:
+                p = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            conv = self.convs[p]
+            self.requested += 1
+            try:
+                r = await replay(conv.messages, plan(conv.messages, cfg.turns), conv.index,
+                                 cfg.seed, self.client.chat)
+                entry = {"index": conv.index, "status": DONE, "messages": r.messages,
+                         "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                         "completion_tokens": r.completion_tokens, "reasoning": r.reasoning,
+                         "turns_regenerated": r.turns, "attempts": r.attempts}
+                self.tokens_now += r.completion_tokens
+            except RequestFailed as f:
+                entry = {"index": conv.index, "status": FAILED, "reason": f.reason,
+                         "attempts": f.attempts}
+            self.journal.append(entry)
+            if entry["status"] == FAILED:
+                self.events(SampleFailed(stage=STAGE, index=conv.index, reason=entry["reason"]))
+            self._progress()
+            k = p // cfg.shard_size
+            if self._shard_finished(k):
+                async with self.seal_lock:
+                    sealed_now = not self._sealed_ok(k)
+                    if sealed_now:
+                        await asyncio.to_thread(self._seal, k)
+                if sealed_now:
+                    self.events(ShardDone(stage=STAGE, shard=k, samples=_samples_of(self.manifest, k),
+                                          path=str(self.out / shard_name(k)),
+                                          shards_done=len(self.manifest.shards),
+                                          shards_total=self.n_shards))
+            self._check_failure_rate(final=False)
+
+    def _progress(self) -> None:
+        c = self._counts()
+        finished = sum(c.values())
+        dt = max(1e-9, time.monotonic() - self.t_send)
+        self.events(Progress(stage=STAGE, done=finished, total=len(self.convs), unit="samples",
+                             rate=self.meter.rate(finished), eta_s=self.meter.eta(finished),
+                             extra={"tokens_per_s": round(self.tokens_now / dt, 2),
+                                    "failed": c[FAILED], "skipped": c[SKIPPED]}))
+
+    def _check_failure_rate(self, final: bool) -> None:
+        c = self._counts()
+        sent = c[DONE] + c[FAILED]
+        if sent == 0 or (not final and sent < self.cfg.min_attempts_for_rate):
+            return
+        rate = c[FAILED] / sent
+        if rate <= self.cfg.max_failure_rate:
+            return
+        reasons: dict[str, int] = {}
+        for e in self.journal.entries.values():
+            if e["status"] == FAILED:
+                key = e["reason"].split(" (gave up")[0][:120]
+                reasons[key] = reasons.get(key, 0) + 1
+        top = max(reasons.items(), key=lambda kv: kv[1])[0]
+        raise FailureLimitError(
+            f"regen: {c[FAILED]} of {sent} samples failed ({rate:.1%} > --max-failure-rate "
+            f"{self.cfg.max_failure_rate:.1%}); most common reason: {top}. Finished work is kept in "
+            f"{self.out} (failures.jsonl lists every failure)",
+            hint="fix the cause, then re-run with --resume --retry-failed")
+
+    def _finish(self, t0: float) -> RegenResult:
+        cfg = self.cfg
+        for k in range(self.n_shards):  # normally all sealed already; be sure
+            if not self._sealed_ok(k):
+                self._seal(k)
+        write_failures(self.out, self._failure_records())
+        c = self._counts()
+        elapsed = time.monotonic() - t0
+        send_dt = max(1e-9, time.monotonic() - self.t_send)
+        tokens_total = sum(int(e.get("completion_tokens") or 0) for e in self.journal.entries.values())
+        prompt_total = sum(int(e.get("prompt_tokens") or 0) for e in self.journal.entries.values())
+        result = RegenResult(
+            output_dir=str(self.out), total=len(self.convs), done=c[DONE], failed=c[FAILED],
+            skipped=c[SKIPPED], bad_rows=len(self.bad_rows), shards=self.n_shards,
+            tokens_generated=tokens_total, prompt_tokens=prompt_total, requested=self.requested,
+            retries=getattr(getattr(self, "client", None), "retries", 0),
+            elapsed_s=round(elapsed, 3),
+            samples_per_s=round(self.requested / send_dt, 3) if self.requested else 0.0,
+            tokens_per_s=round(self.tokens_now / send_dt, 2) if self.requested else 0.0,
+            resumed=self.resumed, dead_servers=[s.url for s in self.pool.servers if s.dead]
+            if self.pool else [])
+        sent = c[DONE] + c[FAILED]
+        over = sent > 0 and c[FAILED] / sent > cfg.max_failure_rate
+        self._refresh_manifest(complete=not over, tokens_generated=tokens_total,
+                               failure_limit_exceeded=over)
+        self._check_failure_rate(final=True)
+        self.events(StageFinished(stage=STAGE, summary=result.to_dict()))
+        return result
+
+
+def _samples_of(manifest, k: int) -> int:
+    rec = next((s for s in manifest.shards if s["file"] == shard_name(k)), None)
+    return int(rec["samples"]) if rec else 0
+
+
+def _first_meaningful(eg: BaseExceptionGroup) -> BaseException:
+    """The error that stopped the run (not the cancellations it caused)."""
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first_meaningful(e)
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return eg.exceptions[0]
