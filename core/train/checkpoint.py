@@ -1,0 +1,372 @@
+"""Training checkpoints: the run directory of design.md, exact resume, and loading a trained draft.
+
+Layout of a run directory:
+    manifest.json                      kind "train": settings, draft config, target, vocab, aux ids
+    vocab/                             the draft vocab (vocab.safetensors + vocab.json)
+    embed_tokens.safetensors           the target's frozen embedding matrix, stored once per run
+    metrics.jsonl                      one JSON object per train / val step
+    latest                             "checkpoints/step-N": written atomically after a checkpoint
+    checkpoints/step-N/
+        draft.safetensors              the draft's state (export key names) without embed_tokens
+        optimizer.safetensors          AdamW state tensors; optimizer.json: groups and scalars
+        state.json                     step, epoch, data position, scheduler, RNG states per rank
+        draft_config.json              DraftConfig.to_dict(), so a step dir alone describes the draft
+
+A checkpoint is written into a hidden temporary folder and renamed into place, then `latest` is
+replaced atomically: a kill at any moment leaves the previous checkpoint intact and `latest`
+pointing at a complete one. Nothing here is a pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import CorruptDataError, InputDataError
+from core.manifest import load_manifest, read_json, write_bytes_atomic, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+DRAFT_FILE = "draft.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+STATE_FILE = "state.json"
+DRAFT_CONFIG = "draft_config.json"
+EMBED_FILE = "embed_tokens.safetensors"
+EMBED_KEY = "embed_tokens.weight"
+VOCAB_DIR = "vocab"
+METRICS = "metrics.jsonl"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- optimizer state <-> safetensors + JSON ----------------------------------------------------
+def flatten_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch optimizer state dict -> (tensors, JSON meta). Keys may be ints or parameter names."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    keys = []
+    for key, st in osd["state"].items():
+        keys.append([key, type(key).__name__])
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state/{key}/{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(key), {})[name] = v
+    return tensors, {"keys": keys, "scalars": scalars, "param_groups": osd["param_groups"]}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[Any, dict[str, Any]] = {}
+    for key, kind in meta["keys"]:
+        k = int(key) if kind == "int" else key
+        st = dict(meta["scalars"].get(str(key), {}))
+        prefix = f"state/{key}/"
+        for name, t in tensors.items():
+            if name.startswith(prefix):
+                st[name[len(prefix):]] = t
+        state[k] = st
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---- RNG states as JSON -----------------------------------------------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    version, state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    out = {"python": [version, list(state), gauss],
+           "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_cached)],
+           "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng_state(d: dict[str, Any]) -> None:
+    version, state, gauss = d["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = d["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(d["torch"]))
+    if "cuda" in d and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in d["cuda"]])
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def save_checkpoint(run_dir: str | Path, step: int, draft_state: dict[str, torch.Tensor],
+                    optim_state: dict[str, Any], state: dict[str, Any], draft_config: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically, point `latest` at it, prune to the last `keep_last`."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".{step_dir_name(step)}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().cpu().contiguous() for k, v in draft_state.items() if k != EMBED_KEY}
+    save_file(weights, str(tmp / DRAFT_FILE), metadata={"step": str(step)})
+    o_tensors, o_meta = flatten_optimizer_state(optim_state)
+    save_file(o_tensors, str(tmp / OPTIM_FILE), metadata={"step": str(step)})
+    for name, obj in ((OPTIM_META, o_meta), (STATE_FILE, {**state, "step": step}),
+                      (DRAFT_CONFIG, draft_config)):
+        (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (a resumed run ending where it was saved)
+        old = root / f".{step_dir_name(step)}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    write_bytes_atomic(run_dir / LATEST, f"{CHECKPOINTS}/{step_dir_name(step)}\n".encode())
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / CHECKPOINTS
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+                out.append((int(p.name[5:]), p))
+    return sorted(out)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names) and
+    leftovers of interrupted writes."""
+    run_dir = Path(run_dir)
+    keep = latest_checkpoint(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    for _, p in ckpts[:-keep_last] if keep_last > 0 else []:
+        if keep is None or p.resolve() != keep.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in (run_dir / CHECKPOINTS).glob(".step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    p = Path(run_dir) / LATEST
+    if not p.exists():
+        return None
+    rel = p.read_text().strip()
+    d = Path(run_dir) / rel
+    if not (d / STATE_FILE).exists():
+        raise CorruptDataError(f"{p} points at {rel}, which is not a complete checkpoint")
+    return d
+
+
+# ---- reading ----------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    draft_state: dict[str, torch.Tensor]
+    optim_state: dict[str, Any]
+    state: dict[str, Any]
+    draft_config: dict[str, Any]
+
+
+def load_checkpoint(step_dir: str | Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(step_dir)
+    try:
+        draft = load_file(str(d / DRAFT_FILE))
+        o_tensors = load_file(str(d / OPTIM_FILE))
+        o_meta = read_json(d / OPTIM_META)
+        state = read_json(d / STATE_FILE)
+        cfg = read_json(d / DRAFT_CONFIG)
+    except (SafetensorError, OSError) as e:
+        raise CorruptDataError(f"{d}: checkpoint unreadable ({e})",
+                               hint="delete it and point `latest` at an earlier one") from e
+    return Checkpoint(d, int(state["step"]), draft, unflatten_optimizer_state(o_tensors, o_meta),
+                      state, cfg)
+
+
+def load_target_embeddings(target_dir: str | Path) -> torch.Tensor:
+    """Only the target's input embedding matrix, read by name from its safetensors file(s)."""
+    from safetensors import safe_open
+
+    d = Path(target_dir)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index)["weight_map"]
+        names = list(weight_map)
+        files = {n: d / weight_map[n] for n in names}
+    elif (d / "model.safetensors").exists():
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            names = list(f.keys())
+        files = {n: d / "model.safetensors" for n in names}
+    else:
+        raise InputDataError("no model.safetensors (or index) to read the embedding matrix from",
+                             path=str(d))
+    cands = [n for n in names if n.endswith("embed_tokens.weight")] or \
+        [n for n in names if n.endswith(("wte.weight", "word_embeddings.weight"))]
+    if not cands:
+        raise InputDataError("no embedding tensor (*embed_tokens.weight) in the target weights",
+                             path=str(d))
+    name = sorted(cands, key=len)[0]
+    with safe_open(str(files[name]), framework="pt") as f:
+        return f.get_tensor(name).float()
+
+
+@dataclass
+class DraftRunInfo:
+    """What eval/export need besides the weights."""
+    checkpoint_dir: Path
+    run_dir: Path | None
+    step: int
+    draft_config: dict[str, Any]
+    aux_layer_ids: list[int]
+    vocab_dir: Path | None
+    target: str | None  # the target model folder the draft was trained for
+    target_info: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the run manifest's extra fields
+
+    def load_vocab(self):
+        from core.vocab import load_vocab
+
+        if self.vocab_dir is None:
+            raise InputDataError("no draft vocab next to this checkpoint", path=str(self.checkpoint_dir))
+        return load_vocab(self.vocab_dir)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(step dir, run dir or None) for a run dir (its `latest`) or a step dir."""
+    p = Path(path).expanduser()
+    if (p / DRAFT_FILE).exists():
+        run = p.parent.parent if p.parent.name == CHECKPOINTS else None
+        return p, run if run is not None and (run / "manifest.json").exists() else None
+    if (p / "manifest.json").exists():
+        m = load_manifest(p)
+        if m is None or m.kind != "train":
+            raise InputDataError(f"not a training run (manifest kind {m.kind if m else None!r})",
+                                 path=str(p))
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise InputDataError("this run has no checkpoint yet", path=str(p))
+        return ck, p
+    raise InputDataError("neither a training run dir nor a checkpoint dir (no manifest.json or "
+                         f"{DRAFT_FILE})", path=str(p))
+
+
+def load_draft_from_run(path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32):
+    """(Eagle3Draft in eval mode, DraftRunInfo) from a run dir (its latest checkpoint) or a step dir.
+
+    The frozen embedding comes from the run's embed_tokens.safetensors, or (a step dir copied
+    elsewhere) from the target's safetensors named in the run manifest / draft config.
+    """
+    from core.model import DraftConfig, Eagle3Draft
+
+    step_dir, run_dir = resolve_checkpoint(path)
+    ck_cfg = read_json(step_dir / DRAFT_CONFIG)
+    state_json = read_json(step_dir / STATE_FILE)
+    manifest = load_manifest(run_dir) if run_dir is not None else None
+    extra = dict(manifest.extra) if manifest else {}
+    target = extra.get("target") or state_json.get("target")
+    cfg = DraftConfig.from_dict(ck_cfg)
+    draft = Eagle3Draft(cfg)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(step_dir / DRAFT_FILE))
+    if EMBED_KEY not in weights:
+        emb_file = run_dir / EMBED_FILE if run_dir is not None else None
+        if emb_file is not None and emb_file.exists():
+            weights[EMBED_KEY] = load_file(str(emb_file))[EMBED_KEY]
+        elif target and Path(target).exists():
+            weights[EMBED_KEY] = load_target_embeddings(target)
+        else:
+            raise InputDataError("the draft's embedding matrix is not next to this checkpoint and "
+                                 "the target folder is unknown", path=str(step_dir))
+    missing, unexpected = draft.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CorruptDataError(f"{step_dir}: draft weights do not match its config "
+                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    draft.to(device=device, dtype=dtype).eval()
+    vocab_dir = run_dir / VOCAB_DIR if run_dir is not None and (run_dir / VOCAB_DIR).exists() else None
+    aux = list(extra.get("aux_layer_ids") or ck_cfg.get("aux_layer_ids") or [])
+    info = DraftRunInfo(checkpoint_dir=step_dir, run_dir=run_dir, step=int(state_json["step"]),
+                        draft_config=ck_cfg, aux_layer_ids=aux, vocab_dir=vocab_dir, target=target,
+                        target_info=extra.get("target_info", {}),
+                        settings=manifest.settings if manifest else {}, extra=extra)
+    return draft, info
+
+
+def write_run_embeddings(run_dir: str | Path, embed: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from core.manifest import atomic_path
+
+    with atomic_path(Path(run_dir) / EMBED_FILE) as tmp:
+        save_file({EMBED_KEY: embed.detach().cpu().contiguous()}, str(tmp))
+
+
+def write_metrics_line(run_dir: str | Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """On resume: drop records past the checkpoint's step (and a torn last line), atomically."""
+    p = Path(run_dir) / METRICS
+    if not p.exists():
+        return
+    keep = []
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(rec.get("step", 0)) <= step:
+            keep.append(line)
+    write_bytes_atomic(p, ("\n".join(keep) + "\n" if keep else "").encode())
+
+
+def save_run_info(run_dir: str | Path, info: dict[str, Any]) -> None:
+    write_json_atomic(Path(run_dir) / "run_info.json", info)

@@ -1,0 +1,318 @@
+"""`train(cfg, events) -> TrainResult`: the EAGLE-3 draft training loop (one entry for the stage).
+
+Per optimizer step: each process takes its `grad_accum` packed micro-batches (core.train.data),
+computes the TTT loss of core.model.ttt (online: the frozen target runs first), backpropagates
+loss / grad_accum (DDP syncs gradients on the last micro-batch), clips, steps AdamW with the
+cosine-with-warmup learning rate, and logs metrics averaged over processes. Validation runs at
+step 0, every `eval_every` steps and at the end; checkpoints every `save_every` steps and at the end.
+
+Exact resume: weights, AdamW state, the schedule position, RNG states and the data position (a
+pure function of the step) come back from the latest checkpoint, and the CPU path runs with
+deterministic algorithms, so an interrupted run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.events import (CheckpointSaved, EventSink, Log, NullSink, Progress, StageFinished,
+                         StageStarted, StepMetrics)
+from core.train import checkpoint as ckpt
+from core.train import distributed as D
+from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
+from core.train.data import BatchPlan
+from core.train.inputs import STAGE, build_draft, check_fingerprint, load_offline, load_online
+from core.train.metrics import MetricAccumulator, MetricsLog
+
+PREFIX = "draft."  # parameter names under the LossModule root (FSDP state dicts)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int  # optimizer steps done in total
+    resumed_from: int | None
+    checkpoint: str | None
+    tokens: int  # tokens trained on by this invocation (all processes)
+    seconds: float
+    tokens_per_s: float | None
+    train_metrics: dict[str, float] = field(default_factory=dict)  # last step
+    val_first: dict[str, float] = field(default_factory=dict)  # first validation of this invocation
+    val_last: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The StageFinished summary (also what `eagle train` prints)."""
+        return {"run_dir": self.run_dir, "steps": self.steps, "checkpoint": self.checkpoint,
+                "tokens": self.tokens, "seconds": round(self.seconds, 2),
+                "tokens_per_s": self.tokens_per_s, "train_loss": self.train_metrics.get("loss"),
+                "val_acc_0_first": self.val_first.get("acc_0"), "val_acc_0": self.val_last.get("acc_0"),
+                "val_tau_sim": self.val_last.get("tau_sim"), "resumed_from": self.resumed_from}
+
+
+class LossModule(torch.nn.Module):
+    """Root module for DDP / FSDP: forward(batch) = the TTT loss of the draft."""
+
+    def __init__(self, draft: torch.nn.Module, ttt_length: int, decay: float, attention: str):
+        super().__init__()
+        self.draft = draft
+        self.ttt_length, self.decay, self.attention = ttt_length, decay, attention
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        from core.model.ttt import ttt_forward_loss
+
+        return ttt_forward_loss(self.draft, batch, ttt_length=self.ttt_length, decay=self.decay,
+                                attention_backend=self.attention)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(cfg: TrainConfig, events: EventSink | None = None) -> TrainResult:
+    """Train (or resume) an EAGLE-3 draft per `cfg`; only rank 0 emits events and writes files."""
+    cfg.validate()
+    env = D.init_distributed(cfg.device)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    try:
+        if env.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return _Trainer(cfg, env, events if env.is_main and events is not None else NullSink()).run()
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        D.shutdown(env)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, env: D.DistEnv, events: EventSink):
+        self.cfg, self.env, self.events = cfg, env, events
+        self.run_dir = cfg.run_dir
+        from core.model.attention import resolve_backend
+
+        self.attention = resolve_backend(cfg.attention, env.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
+                         else contextlib.nullcontext())
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _prepare_dir(self):
+        from core.manifest import prepare_output_dir
+
+        settings = self.cfg.settings(self.env.world_size, self.env.device.type)
+        return D.on_main(self.env, lambda: prepare_output_dir(
+            self.run_dir, "train", TRAIN_FORMAT_VERSION, settings, self.cfg.resume))
+
+    def _setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.manifest, resumed = self._prepare_dir()
+        latest = ckpt.latest_checkpoint(self.run_dir) if resumed else None
+        if cfg.online:
+            self.inputs, new_vocab = load_online(cfg, self.run_dir, resumed, env.device, self.events)
+        else:
+            self.inputs, new_vocab = load_offline(cfg, self.events), True
+        if resumed:
+            check_fingerprint(self.run_dir, self.manifest.extra.get("data_fingerprint"),
+                              self.inputs.data_fingerprint)
+        self.draft = build_draft(cfg, self.inputs).to(env.device)
+        self.draft_config = self.draft.config.to_dict()
+        if env.is_main:
+            self._write_run_files(new_vocab or not resumed)
+        D.barrier(env)
+
+        ga, ws, rank = cfg.grad_accum, env.world_size, env.rank
+        self.plan = BatchPlan(self.inputs.train.lengths, cfg.max_tokens_per_batch, cfg.seed, ws, rank, ga)
+        self.plan.check_not_empty("training")
+        self.val_plan = None
+        if self.inputs.val is not None:
+            self.val_plan = BatchPlan(self.inputs.val.lengths, cfg.max_tokens_per_batch, cfg.seed,
+                                      ws, rank, 1, shuffle=False)
+        self.total = cfg.max_steps or self.plan.total_steps(cfg.epochs)
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total)
+        self.events(StageStarted(stage=STAGE, total=self.total, unit="steps", settings={
+            "output_dir": str(self.run_dir), "mode": "online" if cfg.online else "offline",
+            "resumed_from": latest.name if latest is not None else None,
+            "world_size": env.world_size, "device": str(env.device), "attention": self.attention,
+            "train_samples": len(self.inputs.train),
+            "val_samples": len(self.inputs.val) if self.inputs.val is not None else 0,
+            "draft_vocab_size": self.inputs.vocab.draft_vocab_size,
+            "vocab_coverage": round(self.inputs.vocab.coverage, 4)}))
+
+        self.module = LossModule(self.draft, cfg.ttt_length, cfg.decay, self.attention)
+        self.root = D.wrap(self.module, env, cfg.fsdp, list(self.draft.decoder_layers()))
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        fused = {"foreach": True} if env.device.type == "cuda" else {}
+        self.optim = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                       weight_decay=cfg.weight_decay, eps=1e-8, **fused)
+        self.start_step = 0
+        self.resumed_from = None
+        if latest is not None:
+            self._restore(latest)
+        elif env.is_main:
+            ckpt.truncate_metrics(self.run_dir, -1)  # a restart before the first checkpoint
+        self.log = MetricsLog(self.run_dir, cfg.tensorboard and env.is_main, self.events) \
+            if env.is_main else None
+
+    def _write_run_files(self, write_vocab: bool) -> None:
+        if write_vocab:
+            self.inputs.vocab.save(self.run_dir / ckpt.VOCAB_DIR)
+        if not (self.run_dir / ckpt.EMBED_FILE).exists():
+            ckpt.write_run_embeddings(self.run_dir, self.draft.embed_tokens.weight)
+        self.manifest.extra.update({
+            "draft_config": self.draft_config, "aux_layer_ids": list(self.inputs.aux_layer_ids),
+            "target": str(Path(self.inputs.target).resolve()), "vocab_dir": ckpt.VOCAB_DIR,
+            "embed_file": ckpt.EMBED_FILE, "data_fingerprint": self.inputs.data_fingerprint,
+            "vocab_coverage": self.inputs.vocab.coverage,
+            "draft_vocab_size": self.inputs.vocab.draft_vocab_size, **self.inputs.extra})
+        self.manifest.save(self.run_dir)
+
+    def _restore(self, step_dir: Path) -> None:
+        cfg, env = self.cfg, self.env
+        ck = ckpt.load_checkpoint(step_dir)
+        if ck.draft_config != self.draft_config:
+            from core.errors import SettingsMismatchError
+            from core.manifest import diff_settings
+
+            raise SettingsMismatchError(str(step_dir), {f"draft_config.{k}": v for k, v in
+                                                        diff_settings(ck.draft_config, self.draft_config).items()})
+        D.load_model_state(self.root, self.draft, ck.draft_state, cfg.fsdp, PREFIX)
+        D.load_optim_state(self.root, self.draft, self.optim, ck.optim_state, cfg.fsdp, PREFIX)
+        rng = ck.state.get("rng", [])
+        if len(rng) == env.world_size:
+            ckpt.restore_rng_state(rng[env.rank])
+        self.start_step = ck.step
+        self.resumed_from = ck.step
+        if env.is_main:
+            ckpt.truncate_metrics(self.run_dir, ck.step)
+        self.events(Log(stage=STAGE, message=f"resumed from {step_dir} (step {ck.step}, "
+                                             f"epoch {ck.state.get('epoch')})"))
+
+    # ---- steps --------------------------------------------------------------------------------
+    def _train_step(self, step: int) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        plan = self.plan.step(step)
+        lr = lr_at(step, cfg.lr, self.warmup, self.total)
+        for g in self.optim.param_groups:
+            g["lr"] = lr
+        acc = MetricAccumulator(cfg.ttt_length)
+        self.draft.train()
+        n = len(plan.micro_batches)
+        for j, mb in enumerate(plan.micro_batches):
+            batch = self.inputs.train.batch(mb, env.device)
+            with D.no_sync(self.root, j == n - 1), self.autocast:
+                out = self.root(batch)
+                (out.loss / n).backward()
+            acc.add(out)
+        grad_norm = D.clip_and_norm(self.params, cfg.grad_clip)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        m = acc.reduce(self.env)
+        m.update(lr=lr, grad_norm=grad_norm, epoch=float(plan.epoch))
+        return m
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float] | None:
+        if self.val_plan is None:
+            return None
+        env = self.env
+        micro = self.val_plan.epoch_micro_batches(0)
+        need = math.ceil(len(micro) / env.world_size)
+        mine = micro[env.rank::env.world_size]
+        acc = MetricAccumulator(self.cfg.ttt_length)
+        self.draft.eval()
+        for k in range(need):  # equal forward counts on every rank (FSDP); extras weigh 0
+            mb, weight = (mine[k], 1.0) if k < len(mine) else (micro[0], 0.0)
+            with self.autocast:
+                out = self.root(self.inputs.val.batch(mb, env.device))
+            acc.add(out, weight)
+        return acc.reduce(env)
+
+    def _save(self, step: int) -> Path | None:
+        cfg, env = self.cfg, self.env
+        model_sd = D.full_model_state(self.root, self.draft, cfg.fsdp, PREFIX)
+        optim_sd = D.full_optim_state(self.root, self.draft, self.optim, cfg.fsdp, PREFIX)
+        rngs = D.all_gather_objects(env, ckpt.capture_rng_state())
+        path = None
+        if env.is_main:
+            e, k = self.plan.locate(step)
+            state = {"epoch": e, "step_in_epoch": k, "data_position": {"epoch": e, "step_in_epoch": k,
+                     "micro_batches_per_step": self.plan.group}, "rng": rngs, "world_size": env.world_size,
+                     "scheduler": {"kind": "cosine", "base_lr": cfg.lr, "warmup_steps": self.warmup,
+                                   "total_steps": self.total, "next_step": step},
+                     "target": str(Path(self.inputs.target).resolve()), "time": time.time()}
+            path = ckpt.save_checkpoint(self.run_dir, step, model_sd, optim_sd, state,
+                                        self.draft_config, cfg.keep_last)
+            self.events(CheckpointSaved(stage=STAGE, step=step, path=str(path)))
+        D.barrier(env)
+        return path
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t_start = time.monotonic()
+        self._setup()
+        cfg = self.cfg
+        val_first = val_last = None
+        if self.start_step == 0:
+            val_first = val_last = self._log_val(0)
+        tokens = 0
+        train_time = 0.0
+        m: dict[str, float] = {}
+        last_ckpt = None
+        for step in range(self.start_step, self.total):
+            t0 = time.monotonic()
+            m = self._train_step(step)
+            dt = time.monotonic() - t0
+            step_tokens = self.plan.tokens_in_step(step)
+            tokens += step_tokens
+            train_time += dt
+            m.update(tokens=float(step_tokens), tokens_per_s=step_tokens / dt if dt > 0 else 0.0,
+                     step_seconds=dt)
+            done = step + 1
+            if self.log is not None and (done % cfg.log_every == 0 or done == self.total):
+                self.log.write(done, "train", m)
+            self.events(Progress(stage=STAGE, done=done, total=self.total, unit="steps",
+                                 rate=(done - self.start_step) / max(1e-9, time.monotonic() - t_start),
+                                 extra={"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}))
+            last = done == self.total
+            if done % cfg.resolved_eval_every() == 0 or last:
+                v = self._log_val(done)
+                val_first = val_first or v
+                val_last = v or val_last
+            if done % cfg.save_every == 0 or last:
+                last_ckpt = self._save(done)
+        if self.start_step >= self.total:
+            self.events(Log(stage=STAGE, message=f"nothing to do: the run is at step {self.start_step} "
+                                                 f"of {self.total}"))
+        seconds = time.monotonic() - t_start
+        tps = tokens / train_time if train_time > 0 else None
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        result = TrainResult(run_dir=str(self.run_dir), steps=max(self.total, self.start_step),
+                             resumed_from=self.resumed_from,
+                             checkpoint=str(last_ckpt or latest) if (last_ckpt or latest) else None,
+                             tokens=tokens, seconds=seconds, tokens_per_s=tps, train_metrics=m,
+                             val_first=val_first or {}, val_last=val_last or {})
+        if self.env.is_main:
+            self.manifest.complete = True
+            self.manifest.extra["result"] = {k: v for k, v in result.to_dict().items()
+                                             if k not in ("train_metrics",)}
+            self.manifest.save(self.run_dir)
+            self.log.close()
+        self.events(StageFinished(stage=STAGE, summary=result.summary()))
+        return result
+
+    def _log_val(self, step: int) -> dict[str, float] | None:
+        v = self._validate()
+        if v is not None and self.log is not None:
+            self.log.write(step, "val", v)
+        return v

@@ -1,0 +1,86 @@
+"""`eagle train --nproc N`: launch torchrun on this machine and relay rank 0's events.
+
+The workers run `core.train.launch` with the validated TrainConfig as JSON. Their JSON-line events
+are parsed back into typed events for the caller's sink; other output passes through to stderr.
+The run-directory refusal rules are checked here first, so a refused run starts no process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import EagleError, OutputExistsError, SettingsMismatchError, UsageError
+from core.events import EventSink, StageFailed, StageFinished, event_from_dict
+from core.manifest import diff_settings, load_manifest
+from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
+
+
+def check_output_dir(cfg: TrainConfig, world_size: int) -> None:
+    """The refusal rules of core.manifest.prepare_output_dir, without writing anything."""
+    d = Path(cfg.output_dir)
+    if not d.exists() or not any(d.iterdir()):
+        return
+    m = load_manifest(d)
+    if not cfg.resume or m is None:
+        what = "earlier output (manifest.json)" if m else "files"
+        raise OutputExistsError(f"{d} already holds {what}",
+                                hint="pass --resume to continue it, or choose an empty directory")
+    if m.kind != "train":
+        raise UsageError(f"{d} holds a '{m.kind}' output, not 'train'")
+    if m.format_version != TRAIN_FORMAT_VERSION:
+        raise UsageError(f"{d} was written with format version {m.format_version}; "
+                         f"this version writes {TRAIN_FORMAT_VERSION}", hint="use a new output directory")
+    from core.train.distributed import resolve_device
+
+    diff = diff_settings(m.settings, cfg.settings(world_size, resolve_device(cfg.device).type))
+    if diff:
+        raise SettingsMismatchError(str(d), diff)
+
+
+def torchrun_argv(cfg: TrainConfig) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(cfg.nproc), "-m", "core.train.launch", json.dumps(cfg.to_dict())]
+
+
+def run_torchrun(cfg: TrainConfig, events: EventSink) -> dict[str, Any]:
+    """Run the training under torchrun; returns the StageFinished summary."""
+    check_output_dir(cfg, cfg.nproc)
+    env = dict(os.environ)
+    # torchrun would pin every worker to 1 thread; share this machine's cores instead
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    proc = subprocess.Popen(torchrun_argv(cfg), stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+    summary: dict[str, Any] | None = None
+    failed: StageFailed | None = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                ev = event_from_dict(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                print(line, end="", file=sys.stderr)
+                continue
+            if isinstance(ev, StageFailed):
+                failed = ev
+                continue  # the CLI reports the failure itself
+            if isinstance(ev, StageFinished):
+                summary = ev.summary
+            events(ev)
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        raise
+    if failed is not None:
+        err = EagleError(failed.message)
+        err.exit_code = failed.exit_code
+        raise err
+    if rc != 0 or summary is None:
+        if rc in (-2, 130):
+            raise KeyboardInterrupt
+        raise EagleError(f"torchrun exited with code {rc} before the training finished",
+                         hint="see the worker output above")
+    return summary
