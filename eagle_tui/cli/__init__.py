@@ -75,8 +75,9 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rc = app(args=argv, standalone_mode=False)
+        # click returns (not raises) typer.Exit's code when standalone_mode is False
+        return rc if isinstance(rc, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
