@@ -67,23 +67,38 @@ def _target_info(target: str | None, recorded: dict[str, Any]) -> dict[str, Any]
     return info
 
 
+def run_tau_sim(run_dir: Path | None) -> float | None:
+    """The last simulated accept length logged by training (validation preferred)."""
+    if run_dir is None or not (Path(run_dir) / "metrics.jsonl").is_file():
+        return None
+    best: dict[str, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        metrics = rec.get("metrics", rec) if isinstance(rec, dict) else {}
+        split = str(rec.get("split", "train")) if isinstance(rec, dict) else "train"
+        for k, v in metrics.items():
+            if k.endswith("tau_sim") and isinstance(v, (int, float)):
+                best[split] = float(v)
+    return best.get("val", best.get("train"))
+
+
 def _from_run(source: Path) -> tuple[dict, dict, dict, dict]:
     """(draft config dict, state dict, produced_by, recorded target info) of a run / checkpoint."""
-    from core.serve import find_checkpoint
     from core.train.checkpoint import load_draft_from_run
 
-    ckpt = find_checkpoint(source)
-    draft, info = load_draft_from_run(str(ckpt or source))
-    info = dict(info or {})
+    draft, info = load_draft_from_run(str(source))
     cfg = draft.config.to_dict()
     state = {k: v for k, v in draft.state_dict().items()}
-    step = info.get("step")
-    produced_by = {"kind": "train", "source": str((ckpt or source).resolve()), "step": step,
-                   "tau_sim": info.get("tau_sim")}
-    target = info.get("target") or {}
-    if isinstance(target, str):
-        target = {"name_or_path": target}
-    return cfg, state, produced_by, dict(target)
+    produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
+                   "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
+                   "tau_sim": run_tau_sim(info.run_dir)}
+    target = dict(info.target_info or {})
+    if info.target:
+        target["name_or_path"] = str(info.target)
+    return cfg, state, produced_by, target
 
 
 def export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportResult:

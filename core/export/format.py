@@ -198,7 +198,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def chat_template_hash(target: str | os.PathLike | None) -> str | None:
-    """sha256 of the target's chat template (tokenizer_config.json or chat_template.jinja)."""
+    """sha256 of the target's chat template, first 16 hex digits (as core.vocab hashes it)."""
     if not target:
         return None
     d = Path(target)
@@ -214,7 +214,7 @@ def chat_template_hash(target: str | os.PathLike | None) -> str | None:
         if isinstance(tmpl, list):  # named templates
             tmpl = json.dumps(tmpl, sort_keys=True)
         if tmpl:
-            return sha256_bytes(tmpl.encode())
+            return sha256_bytes(tmpl.encode())[:16]
     return None
 
 
@@ -276,6 +276,8 @@ def write_export(out_dir: str | os.PathLike, draft_cfg: dict[str, Any], state_di
         raise OutputExistsError(f"{out} exists and is not empty",
                                 hint="choose a new --output folder or remove it")
     target = dict(target or {})
+    if not target.get("chat_template_sha256") and target.get("name_or_path"):
+        target["chat_template_sha256"] = chat_template_hash(target["name_or_path"])
     tensors = _serving_tensors(state_dict, include_embed, dtype)
     float_dtype = next(t.dtype for k, t in tensors.items() if k == "fc.weight")
     torch_dtype = str(float_dtype).replace("torch.", "")

@@ -1,0 +1,212 @@
+"""`eagle eval`: measure a draft's real accept length with chain speculative decoding.
+
+`evaluate(EvalConfig, events) -> dict` (the JSON report). Prompts come from a chat dataset: each
+conversation up to its last user turn, rendered with the target's chat template plus the generation
+prompt. For every prompt the target's own greedy output is computed too; the speculative output
+must equal it token for token (lossless), otherwise that prompt is reported as a failure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputDataError, UsageError
+from core.events import EventSink, Log, NullSink, Progress, RateMeter, StageFinished, StageStarted
+
+STAGE = "eval"
+
+
+@dataclass
+class EvalConfig:
+    target: str  # local HF model folder
+    draft: str  # run dir, checkpoint dir, or serving folder (ours or a third party's)
+    data: str  # dataset source (core.data)
+    num_prompts: int = 16
+    num_draft_tokens: int = 3
+    max_new_tokens: int = 128
+    output: str | None = None
+    split: str | None = None
+    messages_column: str | None = None
+    offset: int = 0  # skip this many usable conversations first (keep training rows out)
+    max_prompt_tokens: int = 1024
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+
+    def validate(self) -> "EvalConfig":
+        if self.num_prompts < 1:
+            raise UsageError("--num-prompts must be >= 1")
+        if self.num_draft_tokens < 1:
+            raise UsageError("--num-draft-tokens must be >= 1")
+        if self.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be >= 1")
+        if self.offset < 0:
+            raise UsageError("--offset must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if not (Path(self.target) / "config.json").is_file():
+            raise InputDataError("the target must be a local model folder with config.json",
+                                 path=self.target)
+        if not Path(self.draft).is_dir():
+            raise InputDataError("no such draft folder (run, checkpoint or export)", path=self.draft)
+        return self
+
+
+def prompt_messages(messages: list[dict]) -> list[dict] | None:
+    """The conversation up to (and including) its last user turn; None without a user turn."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    return None if last is None else messages[: last + 1]
+
+
+def load_prompts(cfg: EvalConfig, tokenizer: Any, events: EventSink) -> list[tuple[int, list[int]]]:
+    from core.data import DataSpec, load_conversations
+
+    convs, _report = load_conversations(DataSpec(source=cfg.data, split=cfg.split,
+                                                 messages_column=cfg.messages_column), events)
+    out: list[tuple[int, list[int]]] = []
+    usable = 0
+    for conv in convs:
+        msgs = prompt_messages(conv.messages)
+        if msgs is None:
+            continue
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids or len(ids) > cfg.max_prompt_tokens:
+            continue
+        usable += 1
+        if usable <= cfg.offset:
+            continue
+        out.append((conv.index, list(ids)))
+        if len(out) >= cfg.num_prompts:
+            break
+    if not out:
+        raise InputDataError("no usable prompts (conversations with a user turn that fit "
+                             f"--max-prompt-tokens {cfg.max_prompt_tokens}) after --offset {cfg.offset}",
+                             path=cfg.data)
+    if len(out) < cfg.num_prompts:
+        events(Log(stage=STAGE, level="warning",
+                   message=f"only {len(out)} usable prompts (asked for {cfg.num_prompts})"))
+    return out
+
+
+def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """(draft, info) for a run / checkpoint or a serving folder."""
+    from core.serve import find_checkpoint
+
+    src = Path(cfg.draft)
+    if find_checkpoint(src) is not None:
+        from core.export import run_tau_sim
+        from core.train.checkpoint import load_draft_from_run
+
+        draft, info = load_draft_from_run(str(src), device=device, dtype=dtype)
+        return draft, {"kind": "run", "checkpoint": str(info.checkpoint_dir), "step": info.step,
+                       "tau_sim": run_tau_sim(info.run_dir)}
+    from core.export import load_export_draft
+
+    draft, _config, meta = load_export_draft(src, target,
+                                             target_num_layers=int(target.config.num_hidden_layers))
+    draft.to(device=device, dtype=dtype)
+    return draft, {"kind": "export", "produced_by": meta.get("produced_by"),
+                   "tau_sim": (meta.get("produced_by") or {}).get("tau_sim")}
+
+
+def _check_compatible(draft: Any, target: Any) -> None:
+    dc, tc = draft.config, target.config
+    tc = getattr(tc, "text_config", None) or tc
+    problems = []
+    if int(dc.vocab_size) != int(target.get_output_embeddings().weight.shape[0]):
+        problems.append(f"vocab {dc.vocab_size} vs target {target.get_output_embeddings().weight.shape[0]}")
+    if int(dc.target_hidden_size) != int(tc.hidden_size):
+        problems.append(f"target hidden size {dc.target_hidden_size} vs {tc.hidden_size}")
+    if int(dc.target_num_hidden_layers) != int(tc.num_hidden_layers):
+        problems.append(f"trained for a {dc.target_num_hidden_layers}-layer target, this one has "
+                        f"{tc.num_hidden_layers}")
+    if problems:
+        raise UsageError("the draft does not belong to this target: " + "; ".join(problems))
+
+
+def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.evaluate.report import DEFINITIONS, aggregate, render_summary
+    from core.evaluate.spec_decode import AuxCapture, greedy_generate, speculative_generate
+
+    events = events or NullSink()
+    cfg.validate()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
+                                                             torch.cuda.is_available()) else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target)
+    prompts = load_prompts(cfg, tokenizer, events)
+    target = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype).to(device).eval()
+    draft, dinfo = _load_draft(cfg, target, device, dtype)
+    _check_compatible(draft, target)
+    eos = {int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    gen_eos = getattr(target.generation_config, "eos_token_id", None)
+    eos |= {int(t) for t in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if t is not None}
+    capture = AuxCapture(target, draft.config.aux_layer_ids)
+    events(StageStarted(stage=STAGE, total=len(prompts), unit="prompts",
+                        settings={"k": cfg.num_draft_tokens, "device": str(device)}))
+    meter = RateMeter(total=len(prompts))
+    rows: list[dict[str, Any]] = []
+    try:
+        for n, (index, ids) in enumerate(prompts):
+            x = torch.tensor([ids], device=device)
+            t0 = time.perf_counter()
+            ref = greedy_generate(target, x, cfg.max_new_tokens, eos)
+            ref_wall = time.perf_counter() - t0
+            spec = speculative_generate(target, draft, capture, x, cfg.num_draft_tokens,
+                                        cfg.max_new_tokens, eos)
+            diff = next((i for i, (a, b) in enumerate(zip(ref.tokens, spec.tokens)) if a != b), None)
+            if diff is None and len(ref.tokens) != len(spec.tokens):
+                diff = min(len(ref.tokens), len(spec.tokens))
+            row = {"index": index, "prompt_tokens": len(ids), "generated_tokens": len(spec.tokens),
+                   "reference_tokens": len(ref.tokens), "iterations": len(spec.accept_lengths),
+                   "tau": (sum(spec.accept_lengths) / len(spec.accept_lengths)) if spec.accept_lengths else None,
+                   "accepted_drafts": spec.accepted_drafts, "accept_lengths": spec.accept_lengths,
+                   "lossless": diff is None, "first_diff": diff,
+                   "target_forward_times": ref.forward_times, "draft_step_times": spec.draft_step_times,
+                   "draft_times": spec.draft_times, "verify_times": spec.verify_times,
+                   "spec_wall_s": spec.wall_s, "reference_wall_s": ref_wall}
+            if diff is not None:
+                row["expected_token"] = ref.tokens[diff] if diff < len(ref.tokens) else None
+                row["got_token"] = spec.tokens[diff] if diff < len(spec.tokens) else None
+                row["reference_margin"] = ref.top2_margin[diff] if diff < len(ref.top2_margin) else None
+                events(Log(stage=STAGE, level="error", message=f"prompt {index}: speculative output "
+                           f"differs from the target's greedy output at token {diff}"))
+            rows.append(row)
+            events(Progress(stage=STAGE, done=n + 1, total=len(prompts), unit="prompts",
+                            rate=meter.rate(n + 1), eta_s=meter.eta(n + 1),
+                            extra={"tau": row["tau"], "lossless": row["lossless"]}))
+    finally:
+        capture.close()
+    summary = aggregate(rows, cfg.num_draft_tokens)
+    timing_keys = ("target_forward_times", "draft_step_times", "draft_times", "verify_times")
+    report = {
+        "target": cfg.target, "draft": cfg.draft, "draft_info": dinfo, "data": cfg.data,
+        "num_prompts": len(rows), "num_draft_tokens": cfg.num_draft_tokens,
+        "max_new_tokens": cfg.max_new_tokens, "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "aux_layer_ids": list(draft.config.aux_layer_ids),
+        "tau_sim": dinfo.get("tau_sim"), "summary": summary, "definitions": DEFINITIONS,
+        "settings": asdict(cfg),
+        "prompts": [{k: v for k, v in r.items() if k not in timing_keys} for r in rows],
+    }
+    if cfg.output:
+        from core.manifest import write_json_atomic
+
+        write_json_atomic(cfg.output, report)
+    events(StageFinished(stage=STAGE, summary={
+        "tau": summary["tau"], "tau_sim": report["tau_sim"], "accept_rate": summary["accept_rate"],
+        "cost_ratio": summary["cost_ratio"], "implied_speedup": summary["implied_speedup"],
+        "measured_speedup": summary["measured_speedup"], "lossless": summary["lossless"],
+        "output": cfg.output}))
+    report["text"] = render_summary(report)
+    return report

@@ -1,0 +1,102 @@
+"""Aggregate per-prompt speculative decoding results into the eval report.
+
+Definitions (documented in the report itself):
+  tau                  mean accept length per verification step, the target's bonus token included
+                       (SGLang's "accept length"); the prefill's first token is not a verify step.
+  accept_rate[i]       fraction of verification steps whose draft token i+1 was accepted
+                       (then every earlier one was too); conditional_accept_rate[i] divides by the
+                       steps that reached position i.
+  cost_ratio c         time of one single-position draft step / time of one single-token target
+                       decode forward, both measured here with KV caches.
+  implied_speedup      tau / (1 + k * c): an iteration costs k draft steps plus one target forward
+                       that verifies k+1 tokens (about the cost of one decode forward on a GPU, where
+                       decoding is memory-bound) and yields tau tokens; plain decoding yields one
+                       token per target forward.
+  measured_speedup     wall-clock tokens/s of speculative decoding / of plain greedy decoding on this
+                       machine (on a CPU the verify forward of k+1 tokens costs more than one decode
+                       forward, so this is below the implied number).
+"""
+
+from __future__ import annotations
+
+from statistics import mean
+from typing import Any
+
+DEFINITIONS = {
+    "tau": "mean accept length per verification step, bonus token included (as SGLang counts it)",
+    "accept_rate": "fraction of verification steps that accepted draft position i+1",
+    "conditional_accept_rate": "accepted at position i+1 / reached position i+1",
+    "cost_ratio": "one single-position draft step time / one single-token target decode forward time",
+    "implied_speedup": "tau / (1 + k * cost_ratio)",
+    "measured_speedup": "speculative tokens/s / plain greedy tokens/s, wall clock on this machine",
+}
+
+
+def _safe_mean(xs: list[float]) -> float | None:
+    return mean(xs) if xs else None
+
+
+def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """prompts: per-prompt dicts with accepted_drafts, accept_lengths, timings, lossless fields."""
+    accepted = [n for p in prompts for n in p["accepted_drafts"]]
+    steps = len(accepted)
+    accept_rate = [sum(1 for n in accepted if n > i) / steps if steps else None for i in range(k)]
+    reached = [sum(1 for n in accepted if n >= i) for i in range(k)]
+    cond = [(sum(1 for n in accepted if n > i) / reached[i]) if reached[i] else None for i in range(k)]
+    tau = (sum(n + 1 for n in accepted) / steps) if steps else None
+    t_target = _safe_mean([t for p in prompts for t in p["target_forward_times"]])
+    step_times = [t for p in prompts for t in p["draft_step_times"]]
+    if not step_times:  # k == 1: only the step-0 pass, use the drafting phase time
+        step_times = [t / k for p in prompts for t in p["draft_times"]]
+    t_draft = _safe_mean(step_times)
+    c = (t_draft / t_target) if t_draft is not None and t_target else None
+    implied = (tau / (1 + k * c)) if tau is not None and c is not None else None
+    spec_tokens = sum(p["generated_tokens"] for p in prompts)
+    spec_wall = sum(p["spec_wall_s"] for p in prompts)
+    base_tokens = sum(p["reference_tokens"] for p in prompts)
+    base_wall = sum(p["reference_wall_s"] for p in prompts)
+    spec_tps = spec_tokens / spec_wall if spec_wall > 0 else None
+    base_tps = base_tokens / base_wall if base_wall > 0 else None
+    mismatches = [p for p in prompts if not p["lossless"]]
+    return {
+        "tau": tau,
+        "verify_steps": steps,
+        "accept_rate": accept_rate,
+        "conditional_accept_rate": cond,
+        "target_forward_ms": t_target * 1e3 if t_target is not None else None,
+        "draft_step_ms": t_draft * 1e3 if t_draft is not None else None,
+        "verify_forward_ms": (_safe_mean([t for p in prompts for t in p["verify_times"]]) or 0) * 1e3,
+        "cost_ratio": c,
+        "implied_speedup": implied,
+        "spec_tokens_per_s": spec_tps,
+        "greedy_tokens_per_s": base_tps,
+        "measured_speedup": (spec_tps / base_tps) if spec_tps and base_tps else None,
+        "lossless": not mismatches,
+        "lossless_failures": len(mismatches),
+    }
+
+
+def render_summary(report: dict[str, Any]) -> str:
+    s = report["summary"]
+
+    def f(x: Any, fmt: str = "{:.3f}") -> str:
+        return "n/a" if x is None else fmt.format(x)
+
+    lines = [
+        f"prompts {report['num_prompts']}, k={report['num_draft_tokens']}, device {report['device']}",
+        f"tau (accept length, bonus incl.) {f(s['tau'])}   tau_sim (training) {f(report.get('tau_sim'))}",
+        "accept rate by draft position: " + ", ".join(f(x, "{:.2f}") for x in s["accept_rate"]),
+        f"draft step {f(s['draft_step_ms'], '{:.2f}')} ms / target forward "
+        f"{f(s['target_forward_ms'], '{:.2f}')} ms = cost ratio {f(s['cost_ratio'])}",
+        f"implied speedup tau/(1+k*c) {f(s['implied_speedup'], '{:.2f}')}x; measured here "
+        f"{f(s['measured_speedup'], '{:.2f}')}x ({f(s['spec_tokens_per_s'], '{:.1f}')} vs "
+        f"{f(s['greedy_tokens_per_s'], '{:.1f}')} tokens/s)",
+        "lossless: " + ("ok on every prompt" if s["lossless"] else
+                        f"FAILED on {s['lossless_failures']} prompt(s)"),
+    ]
+    for p in report["prompts"]:
+        if not p["lossless"]:
+            lines.append(f"  prompt {p['index']}: first difference at token {p['first_diff']} "
+                         f"(target {p['expected_token']}, speculative {p['got_token']}, target top-2 "
+                         f"logit margin {f(p.get('reference_margin'), '{:.2e}')})")
+    return "\n".join(lines)
