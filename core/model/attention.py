@@ -1,0 +1,236 @@
+"""TTT attention (eagle3-reference.md section 4), three interchangeable backends.
+
+At TTT step k the query at position i sees
+  * the step-0 keys j <= i of its own packed document (causal & same document), and
+  * the keys that steps 1..k produced at the same position i (the diagonal).
+
+Backends (held equal, outputs and gradients, in tests/test_model_attention.py):
+  naive  reference: concatenates the keys of all steps [T*(k+1)] and builds the full explicit mask.
+  eager  explicit scores for the causal block [T, T] plus the k diagonal scores as extra columns,
+         one softmax over both. Any device.
+  sdpa   CPU: the causal block runs in PyTorch's fused flash kernel for CPU (which also returns the
+         log-sum-exp); the diagonal columns are merged through that log-sum-exp, and the backward
+         pass reuses the fused kernel with the merged output and log-sum-exp (the standard
+         split-softmax identity), so no [T, T] score tensor is kept per step.
+  flex   CUDA: torch flex attention with or_masks(causal & same document, diagonal) over the
+         concatenated keys. On CPU, torch 2.13 runs flex forward only (no backward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from core.errors import UsageError
+
+BACKENDS = ("auto", "naive", "eager", "sdpa", "flex")
+_NEG_INF = float("-inf")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name not in BACKENDS:
+        raise UsageError(f"attention backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "flex" if device.type == "cuda" else ("sdpa" if device.type == "cpu" else "eager")
+    if name == "sdpa" and device.type != "cpu":
+        return "eager"  # the fused kernel that returns the log-sum-exp is the CPU one
+    return name
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, n, s, d = x.shape
+    return x[:, :, None].expand(b, n, groups, s, d).reshape(b, n * groups, s, d)
+
+
+def causal_doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T, T]: key j visible to query i iff j <= i and both lie in the same document."""
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+
+
+def attach_trailing_padding(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Padding (< 0) after a document joins that document for attention purposes.
+
+    Real positions never see it (it comes later), so their results do not change, and every
+    backend, including the maskless causal fast path, then treats padding the same way.
+    """
+    real = doc_ids >= 0
+    if bool(real.all()):
+        return doc_ids
+    pos = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    last_real = torch.where(real, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+    filled = doc_ids.gather(1, last_real.clamp(min=0))
+    return torch.where(last_real >= 0, filled, doc_ids)
+
+
+class _CausalPlusDiagonal(torch.autograd.Function):
+    """softmax over [causal block scores | k diagonal scores], causal block in the fused CPU kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k0, v0, kd, vd, mask, is_causal: bool, scale: float):
+        o0, lse0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k0, v0, 0.0, is_causal, attn_mask=mask, scale=scale)
+        if kd is None:
+            out, lse = o0, lse0
+        else:
+            d = (q.unsqueeze(0) * kd).sum(-1).float() * scale  # [k, B, h, T]
+            lse = torch.logsumexp(torch.cat((lse0.unsqueeze(0), d), 0), 0)
+            out = (o0 * (lse0 - lse).exp().unsqueeze(-1).to(o0.dtype)
+                   + ((d - lse).exp().unsqueeze(-1).to(vd.dtype) * vd).sum(0))
+        ctx.save_for_backward(q, k0, v0, kd, vd, mask, out, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k0, v0, kd, vd, mask, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        # With the merged output and log-sum-exp, the fused backward yields exactly the causal
+        # block's share of the gradient of the joint softmax.
+        dq, dk0, dv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k0, v0, out, lse, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+        dkd = dvd = None
+        if kd is not None:
+            d = (q.unsqueeze(0) * kd).sum(-1).float() * ctx.scale
+            p = (d - lse).exp()  # [k, B, h, T]
+            delta = (dout * out).sum(-1).float()  # [B, h, T]
+            dp = (dout.unsqueeze(0) * vd).sum(-1).float()
+            ds = (p * (dp - delta) * ctx.scale).to(q.dtype).unsqueeze(-1)
+            dq = dq + (ds * kd).sum(0)
+            dkd = ds * q.unsqueeze(0)
+            dvd = p.unsqueeze(-1).to(dout.dtype) * dout.unsqueeze(0)
+        return dq, dk0, dv0, dkd, dvd, None, None, None
+
+
+_compiled_flex: Callable | None = None
+
+
+def _flex_fn() -> Callable:
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+class TTTAttention:
+    """Per-batch attention state for one TTT unroll: the keys/values each step left, per layer.
+
+    `attend(step)` returns the callable Eagle3Draft.run_layers expects:
+    attend(layer, q [B,nh,T,hd], k [B,nkv,T,hd], v [B,nkv,T,hd]) -> [B,nh,T,hd].
+    """
+
+    def __init__(self, doc_ids: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                 backend: str = "auto", single_doc_rows: bool | None = None):
+        self.doc_ids = doc_ids = attach_trailing_padding(doc_ids)
+        self.groups = num_heads // num_kv_heads
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.backend = resolve_backend(backend, doc_ids.device)
+        self.keys: dict[int, list[torch.Tensor]] = {}
+        self.values: dict[int, list[torch.Tensor]] = {}
+        b, t = doc_ids.shape
+        self.T = t
+        # Rows holding one document from position 0 (then padding) need no mask: plain causal is
+        # exact for every real position (padding comes after and is never a key of a real query).
+        if single_doc_rows is None:
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            real_starts = (starts & (doc_ids >= 0)).sum(1)
+            single_doc_rows = bool(((real_starts <= 1) & (doc_ids[:, 0] >= 0)).all())
+        self.plain_causal = single_doc_rows
+        self._bool_mask: torch.Tensor | None = None
+        self._float_mask: torch.Tensor | None = None
+        self._block_masks: dict[int, object] = {}
+
+    # ---- masks, built once per batch -----------------------------------------------------------
+    def bool_mask(self) -> torch.Tensor:
+        if self._bool_mask is None:
+            self._bool_mask = causal_doc_mask(self.doc_ids)[:, None]  # [B,1,T,T]
+        return self._bool_mask
+
+    def float_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._float_mask is None or self._float_mask.dtype != dtype:
+            m = self.bool_mask()
+            self._float_mask = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, _NEG_INF)
+        return self._float_mask
+
+    def block_mask(self, num_steps: int):
+        if num_steps not in self._block_masks:
+            from torch.nn.attention.flex_attention import and_masks, create_block_mask, or_masks
+
+            doc, t = self.doc_ids, self.T
+
+            def causal(b, h, q_idx, kv_idx):
+                return (kv_idx < t) & (kv_idx <= q_idx)
+
+            def same_doc(b, h, q_idx, kv_idx):
+                return doc[b, kv_idx % t] == doc[b, q_idx]
+
+            def diagonal(b, h, q_idx, kv_idx):
+                return (kv_idx >= t) & (kv_idx % t == q_idx)
+
+            mask_mod = or_masks(and_masks(causal, same_doc), diagonal)
+            b = doc.shape[0]
+            self._block_masks[num_steps] = create_block_mask(mask_mod, b, None, t, t * num_steps,
+                                                             device=doc.device)
+        return self._block_masks[num_steps]
+
+    # ---- attention ------------------------------------------------------------------------------
+    def attend(self, step: int) -> Callable:
+        def fn(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ks = self.keys.setdefault(layer, [])
+            vs = self.values.setdefault(layer, [])
+            if len(ks) != step:
+                raise RuntimeError(f"TTT attention: layer {layer} has {len(ks)} cached steps at step {step}")
+            ks.append(k)
+            vs.append(v)
+            return getattr(self, f"_{self.backend}")(q, ks, vs)
+        return fn
+
+    def _naive(self, q, ks, vs):
+        t, steps = self.T, len(ks)
+        eye = torch.eye(t, dtype=torch.bool, device=q.device).expand(q.shape[0], 1, t, t)
+        mask = torch.cat([self.bool_mask()] + [eye] * (steps - 1), dim=-1)  # [B,1,T,T*steps]
+        k = repeat_kv(torch.cat(ks, dim=2), self.groups)
+        v = repeat_kv(torch.cat(vs, dim=2), self.groups)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        probs = scores.masked_fill(~mask, _NEG_INF).softmax(-1)
+        return probs @ v
+
+    def _eager(self, q, ks, vs):
+        t = self.T
+        k0, v0 = repeat_kv(ks[0], self.groups), repeat_kv(vs[0], self.groups)
+        scores = (q @ k0.transpose(-1, -2)) * self.scale + self.float_mask(q.dtype)
+        extra = [(q * repeat_kv(kj, self.groups)).sum(-1, keepdim=True) * self.scale for kj in ks[1:]]
+        probs = torch.cat([scores, *extra], dim=-1).softmax(-1)
+        out = probs[..., :t] @ v0
+        for j, vj in enumerate(vs[1:]):
+            out = out + probs[..., t + j, None] * repeat_kv(vj, self.groups)
+        return out
+
+    def _sdpa(self, q, ks, vs):
+        k0, v0 = repeat_kv(ks[0], self.groups), repeat_kv(vs[0], self.groups)
+        kd = vd = None
+        if len(ks) > 1:
+            kd = torch.stack([repeat_kv(k, self.groups) for k in ks[1:]])
+            vd = torch.stack([repeat_kv(v, self.groups) for v in vs[1:]])
+        mask = None if self.plain_causal else self.float_mask(q.dtype)
+        return _CausalPlusDiagonal.apply(q.contiguous(), k0.contiguous(), v0.contiguous(), kd, vd, mask,
+                                         self.plain_causal, self.scale)
+
+    def _flex(self, q, ks, vs):
+        k = torch.cat(ks, dim=2)
+        v = torch.cat(vs, dim=2)
+        block_mask = self.block_mask(len(ks))
+        if q.device.type == "cuda":
+            return _flex_fn()(q, k, v, block_mask=block_mask, scale=self.scale, enable_gqa=self.groups > 1)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=block_mask, scale=self.scale, enable_gqa=self.groups > 1)

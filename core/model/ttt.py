@@ -1,0 +1,195 @@
+"""Training-time test (TTT): the unrolled draft forward, its loss and its metrics.
+
+Batch contract (what `ttt_forward_loss` takes: UNSHIFTED per-position tensors, exactly as the
+feature extractor / cache reader give them, several documents possibly packed per row):
+
+  input_ids      int64 [B, T]        token x(t)
+  aux_hidden     float [B, T, 3*Ht]  target aux states at t (they have seen x<=t)
+  target_probs   float [B, T, Vd]    the target's distribution for x(t+1), restricted to the draft vocab
+  position_mask  bool  [B, T]        the target's full-vocab argmax at t lies inside the draft vocab
+  loss_mask      int/bool [B, T]     1 on supervised (assistant) tokens x(t)
+  position_ids   int64 [B, T]        position inside its document (restarts at 0 per packed document)
+  doc_ids        int64 [B, T]        optional: document label per position, < 0 = padding. When absent,
+                                     a document starts wherever position_ids == 0, and
+                                     `attention_mask` (optional, 0 = padding) marks padding.
+
+Alignment (reference section 4, as SpecForge does it, applied per document). At TTT step k
+(k = 0..L-1) the draft at index t of a document of length n:
+  * takes the embedding of x(t+1+k) (ground truth shifted by 1+k) and, for k = 0, fc(aux[t]);
+    for k > 0 the un-normed output of step k-1 at the same index t;
+  * runs at RoPE position position_ids[t] + k (the sequence position it stands for when drafting);
+  * learns target_probs[t+1+k] (the distribution for x(t+2+k)) where
+    loss_mask[t+1+k] and position_mask[t+1+k] and t+1+k < n.
+Past the end of a document (t+1+k >= n) the input is padding (token 0) and every mask is zero;
+those positions are only ever seen by themselves (diagonal), never by a real query.
+
+Loss per step: soft cross-entropy sum(-p * log_softmax(z)) averaged over that step's supervised
+positions; total = sum_k decay**k * loss_k (decay 0.8 as EAGLE/SpecForge; 1.0 allowed).
+Accuracy per step: acc_k = #(supervised positions where argmax z == argmax p) / #(positions
+with loss_mask[t+1+k] = 1 inside the document). Positions whose target argmax lies outside the
+draft vocab count as misses (the draft cannot propose that token), as in SpecForge.
+tau_sim = 1 + sum_k prod_{j<=k} acc_j (the +1 is the bonus token engines count).
+
+Only supervised rows reach the norm + lm_head (draft vocab Vd): no full-vocab tensor and no
+logits for unsupervised positions are ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from core.errors import UsageError
+from core.model.attention import TTTAttention, resolve_backend
+
+REQUIRED_KEYS = ("input_ids", "aux_hidden", "target_probs", "position_mask", "loss_mask", "position_ids")
+
+
+@dataclass
+class TTTOutput:
+    loss: torch.Tensor  # scalar, differentiable: sum_k decay**k * loss_k
+    per_step_loss: list[float]
+    per_step_acc: list[float]
+    tau_sim: float
+    num_tokens: int  # real (non-padding) positions in the batch
+    # raw sums, to aggregate exactly over micro-batches / ranks / a validation split
+    per_step_loss_sum: list[float] = field(default_factory=list)
+    per_step_count: list[int] = field(default_factory=list)  # supervised positions (loss denominators)
+    per_step_correct: list[int] = field(default_factory=list)
+    per_step_acc_total: list[int] = field(default_factory=list)  # accuracy denominators
+    backend: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        out = {"loss": float(self.loss.detach()), "tau_sim": self.tau_sim, "tokens": self.num_tokens}
+        for k, (lo, acc) in enumerate(zip(self.per_step_loss, self.per_step_acc)):
+            out[f"loss_{k}"], out[f"acc_{k}"] = lo, acc
+        return out
+
+
+def tau_from_acc(accs: list[float]) -> float:
+    """Simulated accept length 1 + sum_k prod_{j<=k} acc_j."""
+    tau, run = 1.0, 1.0
+    for a in accs:
+        run *= a
+        tau += run
+    return tau
+
+
+def aggregate(outputs: list[TTTOutput], decay: float = 0.8) -> dict[str, float]:
+    """Exact metrics over several batches (e.g. a validation split) from their raw sums."""
+    if not outputs:
+        return {}
+    steps = len(outputs[0].per_step_count)
+    loss_sum = [sum(o.per_step_loss_sum[k] for o in outputs) for k in range(steps)]
+    count = [sum(o.per_step_count[k] for o in outputs) for k in range(steps)]
+    correct = [sum(o.per_step_correct[k] for o in outputs) for k in range(steps)]
+    total = [sum(o.per_step_acc_total[k] for o in outputs) for k in range(steps)]
+    losses = [s / max(c, 1) for s, c in zip(loss_sum, count)]
+    accs = [c / t if t else 0.0 for c, t in zip(correct, total)]
+    out = {"loss": sum(decay ** k * lo for k, lo in enumerate(losses)), "tau_sim": tau_from_acc(accs),
+           "tokens": sum(o.num_tokens for o in outputs)}
+    for k in range(steps):
+        out[f"loss_{k}"], out[f"acc_{k}"] = losses[k], accs[k]
+    return out
+
+
+def doc_ids_from_batch(batch: dict) -> torch.Tensor:
+    """Document labels [B, T] (< 0 = padding), given or derived from position_ids restarts."""
+    if batch.get("doc_ids") is not None:
+        return batch["doc_ids"].long()
+    pos = batch["position_ids"]
+    doc = (pos == 0).long().cumsum(1) - 1
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        doc = torch.where(mask.bool(), doc, torch.full_like(doc, -1))
+    return doc
+
+
+def _check_batch(batch: dict) -> tuple[int, int]:
+    missing = [k for k in REQUIRED_KEYS if k not in batch]
+    if missing:
+        raise UsageError(f"TTT batch lacks {', '.join(missing)}")
+    b, t = batch["input_ids"].shape
+    for k in REQUIRED_KEYS + ("doc_ids", "attention_mask"):
+        v = batch.get(k)
+        if v is not None and tuple(v.shape[:2]) != (b, t):
+            raise UsageError(f"TTT batch field {k} has shape {tuple(v.shape)}, expected [{b}, {t}, ...]")
+    return b, t
+
+
+def _shift(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
+    """x[:, t + n] at index t, `fill` past the end (dim 1)."""
+    if n == 0:
+        return x
+    pad = torch.full_like(x[:, :n], fill)
+    return torch.cat((x[:, n:], pad), dim=1)
+
+
+def soft_cross_entropy_sum(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """sum over rows of -sum_v p_v log_softmax(z)_v, in float32."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return (lse * probs.sum(-1) - (probs * logits).sum(-1)).sum()
+
+
+def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8,
+                     attention_backend: str = "auto") -> TTTOutput:
+    """Unrolled TTT forward over a packed batch (contract and alignment in the module docstring)."""
+    if ttt_length < 1:
+        raise UsageError(f"ttt_length must be >= 1, got {ttt_length}")
+    if not 0.0 < decay <= 1.0:
+        raise UsageError(f"loss decay must be in (0, 1], got {decay}")
+    b, t = _check_batch(batch)
+    cfg = draft.config
+    vd = batch["target_probs"].shape[-1]
+    if vd != cfg.draft_vocab_size:
+        raise UsageError(f"target_probs cover {vd} ids, the draft vocab has {cfg.draft_vocab_size}")
+    device = draft.fc.weight.device
+    input_ids = batch["input_ids"].to(device)
+    doc = doc_ids_from_batch(batch).to(device)
+    real = doc >= 0
+    loss_mask = batch["loss_mask"].to(device).bool() & real
+    position_mask = batch["position_mask"].to(device).bool()
+    position_ids = batch["position_ids"].to(device).long()
+    probs_flat = batch["target_probs"].to(device).reshape(b * t, vd)
+
+    backend = resolve_backend(attention_backend, device)
+    attn = TTTAttention(doc, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, backend)
+    hidden = draft.project_aux(batch["aux_hidden"].to(device))
+    flat_index = torch.arange(b * t, device=device).view(b, t)
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    losses, accs, loss_sums, counts, corrects, acc_totals = [], [], [], [], [], []
+    for k in range(ttt_length):
+        n = 1 + k
+        valid = real & (_shift(doc, n, -2) == doc)  # x(t+1+k) exists in the same document
+        ids = torch.where(valid, _shift(input_ids, n), torch.zeros_like(input_ids))
+        hidden = draft.run_layers(ids, hidden, position_ids + k, attn.attend(k))
+
+        scored = valid & _shift(loss_mask, n, False)
+        supervised = scored & _shift(position_mask, n, False)
+        rows = flat_index[supervised]
+        count = int(rows.numel())
+        if count:
+            logits = draft.compute_logits(hidden.reshape(b * t, -1)[rows])  # [N, Vd]
+            target = probs_flat[rows + n]
+            loss_sum = soft_cross_entropy_sum(logits, target)
+            with torch.no_grad():
+                correct = int((logits.argmax(-1) == target.argmax(-1)).sum())
+        else:
+            # zero that still touches every parameter (DDP expects each one to get a gradient)
+            loss_sum = draft.compute_logits(hidden[:, :1]).float().sum() * 0.0
+            correct = 0
+        step_loss = loss_sum / max(count, 1)
+        total = total + (decay ** k) * step_loss
+        acc_total = int(scored.sum())
+        losses.append(float(step_loss.detach()))
+        loss_sums.append(float(loss_sum.detach()))
+        counts.append(count)
+        corrects.append(correct)
+        acc_totals.append(acc_total)
+        accs.append(correct / acc_total if acc_total else 0.0)
+    return TTTOutput(loss=total, per_step_loss=losses, per_step_acc=accs, tau_sim=tau_from_acc(accs),
+                     num_tokens=int(real.sum()), per_step_loss_sum=loss_sums, per_step_count=counts,
+                     per_step_correct=corrects, per_step_acc_total=acc_totals, backend=backend)
