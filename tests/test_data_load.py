@@ -279,3 +279,10 @@ def test_demo_dataset_loads_with_sharegpt_bad_rows_counted():
     # ShareGPT splits long chats into parts; the later parts start with the assistant.
     assert rep.counts["starts with assistant"] > 5000 and rep.counts["empty conversation"] > 100
     assert all(c.messages[0]["role"] in ("user", "system") for c in convs)
+
+
+def test_demo_source_name_means_the_embedded_sample():
+    from core.assets import demo_dataset
+
+    convs, rep = load_conversations(DataSpec("demo", limit=3))
+    assert rep.source == str(demo_dataset()) and len(convs) == 3

@@ -49,7 +49,7 @@ def load_conversations(spec: DataSpec, events: EventSink | None = None) -> tuple
     events(Log(stage="data", message=f"reading {src.path} ({src.kind}, {src.num_rows} rows, "
                                      f"column {column!r}, {len(positions)} selected)"))
     conversations: list[Conversation] = []
-    total = spec.limit if spec.limit is not None else len(positions)
+    total = min(spec.limit, len(positions)) if spec.limit is not None else len(positions)
     cursor = 0
     while cursor < len(positions) and (spec.limit is None or len(conversations) < spec.limit):
         size = _BATCH

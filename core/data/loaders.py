@@ -18,6 +18,7 @@ from typing import Any, Callable
 from core.data.normalize import AUTO_COLUMNS, RowProblem
 from core.errors import InputDataError
 
+DEMO = "demo"  # source name of the embedded demo dataset
 _FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".arrow", ".csv")
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -33,6 +34,11 @@ class Source:
 
 def open_source(source: str, split_name: str | None) -> Source:
     p = Path(source).expanduser()
+    if source == DEMO and not p.exists():  # the embedded ShareGPT sample (core.assets)
+        from core.assets import demo_dataset
+
+        p = demo_dataset()
+        source = str(p)
     if p.is_dir():
         return _open_folder(p, split_name)
     if p.is_file():

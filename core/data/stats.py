@@ -9,6 +9,7 @@ from typing import Any
 
 from core.data import DataSpec, LoadReport, load_conversations
 from core.data.types import BadRow
+from core.errors import InputDataError
 from core.events import EventSink, NullSink, Progress
 
 
@@ -41,6 +42,9 @@ def inspect_data(spec: DataSpec, tokenizer=None, tokenizer_name: str | None = No
             try:
                 tc = tokenize_conversation(tokenizer, conv.messages)
             except ChatTemplateError as e:  # e.g. content carrying the template's special tokens
+                if spec.strict:
+                    raise InputDataError(e.message, path=report.source, row=conv.index,
+                                         reason="chat template") from None
                 report.bad_rows.append(BadRow(conv.index, "chat template", e.message))
                 continue
             lengths.append(len(tc.input_ids))

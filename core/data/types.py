@@ -16,7 +16,8 @@ class DataSpec:
     """A chat dataset to load.
 
     source: a local .json/.jsonl/.parquet file, a folder of parquet shards (our regenerate
-        output included), a `datasets.save_to_disk` folder, or a hub dataset name.
+        output included), a `datasets.save_to_disk` folder, a hub dataset name, or "demo" (the
+        embedded ShareGPT sample, core.assets.demo_dataset, unless a local path of that name exists).
     split: split name with an optional slice, e.g. "train", "train[:1000]", "train[10%:20%]",
         "[:100]" (local files have the single split "train").
     messages_column: the column holding the turns; default: "messages", else "conversations".

@@ -36,10 +36,6 @@ def inspect(
     from core.data.stats import format_inspect, inspect_data
     from core.events import NullSink
 
-    if path == "demo":
-        from core.assets import demo_dataset
-
-        path = str(demo_dataset())
     spec = DataSpec(source=path, split=split, messages_column=messages_column,
                     shuffle_seed=shuffle_seed, limit=limit, strict=strict)
     tok = None
