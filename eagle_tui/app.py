@@ -20,7 +20,7 @@ from textual.widgets import Static
 
 from core.errors import EagleError
 from core.runconfig import RunConfig
-from eagle_tui.jobs import JobChanged, JobEnded, JobManager
+from eagle_tui.jobs import JobChanged, JobEnded, JobManager, measure_speed
 from eagle_tui.screens.dashboard import DashboardScreen
 from eagle_tui.screens.dialogs import ConfirmScreen
 from eagle_tui.screens.help import HelpScreen
@@ -51,6 +51,8 @@ class EagleApp(App):
         self.jobs = JobManager(self, command=command, env=env)
         self.cursor_blink = cursor_blink
         self.dirty = False
+        self.known_rows: dict[str, int] = {}  # dataset source -> rows, learned by Preview
+        self.speeds: dict[str, float] = {}  # target -> measured tokens/s (ctrl+t)
         self._probe = probe and system is None
 
     # ---- start-up ------------------------------------------------------------------------------
@@ -173,6 +175,22 @@ class EagleApp(App):
             text.append(f"{job.title}: {job.status}{progress} (ctrl+l)",
                         style="bold cyan" if job.active else "")
         wizard.query_one("#status", Static).update(text)
+
+    @work(exclusive=True, group="measure", exit_on_error=False)
+    async def action_measure(self) -> None:
+        cfg = self.config
+        target = cfg.target.model
+        self.notify(f"Measuring {target}'s speed in a subprocess (loads the model once)…")
+        try:
+            tps = await measure_speed(target, cfg.target.device, min(cfg.train.max_tokens_per_batch, 2048),
+                                      min(cfg.features.max_length, 512))
+        except (RuntimeError, ValueError, OSError) as e:
+            self.notify(f"Could not measure {target}: {e}", severity="error")
+            return
+        self.speeds[target] = tps
+        self.notify(f"{target}: {tps:,.0f} tokens/s forward")
+        if self.wizard is not None:
+            self.wizard.refresh_state()
 
     # ---- help and quit -------------------------------------------------------------------------
     def action_help(self) -> None:

@@ -29,6 +29,32 @@ from core import events as ev
 # How the TUI starts `eagle`: the interpreter running the TUI, so the same venv is used.
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-c", "from eagle_tui.cli import entry; entry()")
 
+# Measures the target's prefill speed in a subprocess (torch never loads in the UI process).
+MEASURE_CODE = (
+    "import sys\n"
+    "from core.budget import measure_target_tokens_per_s\n"
+    "target, device, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])\n"
+    "if target == 'demo':\n"
+    "    from core.assets import demo_target\n"
+    "    target = str(demo_target())\n"
+    "print(measure_target_tokens_per_s(target, device=None if device == 'auto' else device,\n"
+    "                                  batch_tokens=batch, seq_length=seq))\n")
+
+
+async def measure_speed(target: str, device: str, batch_tokens: int, seq_length: int,
+                        python: str = sys.executable) -> float:
+    """Tokens per second of the target's forward pass, measured in a child process."""
+    proc = await asyncio.create_subprocess_exec(
+        python, "-c", MEASURE_CODE, target, device, str(batch_tokens), str(seq_length),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        lines = [l for l in err.decode(errors="replace").splitlines() if l.strip()]
+        raise RuntimeError(lines[-1] if lines else f"exit code {proc.returncode}")
+    return float(out.decode().strip().splitlines()[-1])
+
+
 SIGINT_GRACE_S = 20.0  # eagle stops at a shard/step boundary on SIGINT and writes its manifest
 SIGTERM_GRACE_S = 5.0
 LOG_LINES = 2000

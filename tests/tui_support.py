@@ -76,7 +76,7 @@ def fake_eagle(tmp_path: Path) -> list[str]:
 
 
 def fixed_system(disk_free: int = 500 * GB, gpus: list[GpuInfo] | None = None,
-                 ram: int = 16 * GB) -> SystemInfo:
+                 ram: int = 64 * GB) -> SystemInfo:
     return SystemInfo(gpus=gpus or [], disk_free=lambda _p: disk_free, ram_available=ram, cpu_count=2)
 
 
@@ -112,6 +112,11 @@ def wait_for(pred, what: str):
 
 
 os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
+
+
+def flat(widget, width: int = 110) -> str:
+    """`plain` with all whitespace runs (line wraps included) collapsed to one space."""
+    return " ".join(plain(widget, width).split())
 
 
 def plain(widget, width: int = 110) -> str:

@@ -17,6 +17,7 @@ KEYS = [
         ("ctrl+a", "run every remaining step of the pipeline"),
         ("ctrl+s / ctrl+o", "save the config as YAML / open one (same file `eagle run` reads)"),
         ("ctrl+l", "show the run dashboard"),
+        ("ctrl+t", "measure the target's speed (for time estimates; runs in a subprocess)"),
         ("? / F1", "this help"),
         ("ctrl+q", "quit (asks first while a job runs)"),
     ]),

@@ -43,6 +43,7 @@ class WizardScreen(Screen):
         Binding("ctrl+s", "app.save", "Save"),
         Binding("ctrl+o", "app.open", "Open"),
         Binding("ctrl+l", "app.dashboard", "Dashboard"),
+        Binding("ctrl+t", "app.measure", "Measure speed"),
         Binding("question_mark,f1", "app.help", "Help"),
     ]
 
@@ -111,7 +112,7 @@ class WizardScreen(Screen):
         out = Text()
         for i, (key, cls) in enumerate(PANES):
             if i:
-                out.append("  ›  ", style="dim")
+                out.append("›", style="dim")
             style = "bold reverse" if i == self.index else ("" if i < self.index else "dim")
             out.append(f" {i + 1} {cls.TITLE} ", style=style)
         return out

@@ -86,7 +86,9 @@ class BudgetPanel(Static):
     def refresh_budget(self, cfg: Any, system: SystemInfo) -> Assessment:
         workdir = cfg.workdir_path()
         enabled = cfg.enabled_steps()
-        budgets = step_budgets(cfg, len(system.gpus))
+        app = self.app
+        budgets = step_budgets(cfg, len(system.gpus), getattr(app, "known_rows", {}).get(cfg.dataset.source),
+                               getattr(app, "speeds", {}).get(cfg.target.model))
         a = assess(budgets, enabled, workdir, system.free_bytes(workdir), system.gpus,
                    system.ram_free(), cfg.target.device)
         if not system.probed:
@@ -114,15 +116,22 @@ def render_assessment(a: Assessment) -> Group:
         t = Table(box=None, pad_edge=False, show_edge=False, expand=False, padding=(0, 1))
         t.add_column("step")
         t.add_column("disk", justify="right")
-        t.add_column("memory", justify="right")
+        t.add_column("RAM" if "no GPU" in a.gpu_line else "GPU mem", justify="right")
         t.add_column("time", justify="right")
         for b in a.steps:
             mem = b.gpu_bytes if "no GPU" not in a.gpu_line else b.ram_bytes
             style = "red" if b.step in a.warnings else ""
             t.add_row(b.step, fmt_bytes(b.disk_bytes), fmt_bytes(mem), fmt_time(b.time_s), style=style)
         parts.append(t)
-        total_t = sum(b.time_s or 0 for b in a.steps)
-        parts.append(Text(f"Time  {fmt_time(total_t)} in all (estimate)"))
+        timed = [b for b in a.steps if b.time_s is not None]
+        if timed:
+            parts.append(Text(f"Time  {fmt_time(sum(b.time_s for b in timed))} for "
+                              f"{', '.join(b.step for b in timed)} (measured speed, upper bound)"))
+        else:
+            parts.append(Text("Time  ? press ctrl+t to measure the target's speed", style="dim"))
+        for b in a.steps:
+            if b.note and b.step in ("cache", "train"):
+                parts.append(Text(f"{b.step}: {b.note}", style="dim"))
     for c in a.cautions:
         parts.append(Text("⚠ " + c, style="yellow"))
     for ws in a.warnings.values():

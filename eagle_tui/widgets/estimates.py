@@ -50,24 +50,25 @@ def fmt_time(s: float | None) -> str:
     return f"~{s / 3600:.1f} h"
 
 
-def storage_options(cfg: Any) -> list[StorageOption] | str:
+def storage_options(cfg: Any, known_rows: int | None = None) -> list[StorageOption] | str:
     try:
         from core import budget
     except ImportError as e:
         return PENDING.format(why=e)
     try:
-        return _storage_options(budget, cfg)
+        return _storage_options(budget, cfg, known_rows)
     except Exception as e:  # an estimate must never take the wizard down
         return PENDING.format(why=e)
 
 
-def step_budgets(cfg: Any, gpus: int) -> list[StepBudget] | str:
+def step_budgets(cfg: Any, gpus: int, known_rows: int | None = None,
+                 tokens_per_s: float | None = None) -> list[StepBudget] | str:
     try:
         from core import budget
     except ImportError as e:
         return PENDING.format(why=e)
     try:
-        return _step_budgets(budget, cfg, gpus)
+        return _step_budgets(budget, cfg, gpus, known_rows, tokens_per_s)
     except Exception as e:
         return PENDING.format(why=e)
 
@@ -83,14 +84,95 @@ def serve_command(cfg: Any) -> str:
         return PENDING.format(why=e)
 
 
-# ---- adapters to core's APIs (filled in against core.budget / core.serve) ----------------------
-def _storage_options(budget: Any, cfg: Any) -> list[StorageOption]:
-    raise NotImplementedError("core.budget has no storage table yet")
+# ---- adapters to core's APIs ------------------------------------------------------------------
+DEFAULT_SAMPLES = 1000  # what `eagle plan` assumes when the dataset size is unknown
 
 
-def _step_budgets(budget: Any, cfg: Any, gpus: int) -> list[StepBudget]:
-    raise NotImplementedError("core.budget has no step estimates yet")
+def target_shape(budget: Any, model: str) -> Any:
+    """The target's shapes without loading it; "demo" is the embedded SmolLM2-135M-Instruct, whose
+    preset is used so the UI never triggers the one-time GGUF conversion."""
+    if model == "demo":
+        return budget.TargetShape(name="SmolLM2-135M-Instruct (demo)", **budget.PRESETS["smollm2-135m"])
+    return budget.TargetShape.resolve(model)
+
+
+def sample_count(cfg: Any, known_rows: int | None) -> tuple[int, str]:
+    if cfg.dataset.limit:
+        n = min(cfg.dataset.limit, known_rows) if known_rows else cfg.dataset.limit
+        return n, f"{n} samples (limit)"
+    if known_rows:
+        return known_rows, f"{known_rows} samples (previewed)"
+    return DEFAULT_SAMPLES, f"{DEFAULT_SAMPLES} samples assumed (set Limit or Preview)"
+
+
+def _plan(budget: Any, cfg: Any, known_rows: int | None, options: list | None):
+    from core.cache.layout import StorageOptions
+
+    f = cfg.features
+    shape = target_shape(budget, cfg.target.model)
+    n, _ = sample_count(cfg, known_rows)
+    vd = min(cfg.vocab.draft_vocab_size, shape.vocab_size)
+    if options is None:
+        options = [StorageOptions(o.aux_dtype, o.target_store, f.topk, o.target_dtype) for o in budget.DEFAULT_OPTIONS]
+        chosen = StorageOptions(f.aux_dtype, f.target_store, f.topk)
+        if all((o.aux_dtype, o.target_store) != (chosen.aux_dtype, chosen.target_store) for o in options):
+            options.append(chosen)
+    # every sample at max length: an upper bound until the lengths are measured
+    plan = budget.make_plan(shape, num_samples=n, seq_length=f.max_length, draft_vocab_size=vd,
+                            options=options, shard_size=f.shard_size,
+                            batch_tokens=cfg.train.max_tokens_per_batch, ttt_length=cfg.train.ttt_length)
+    return shape, vd, plan
+
+
+def _storage_options(budget: Any, cfg: Any, known_rows: int | None = None) -> list[StorageOption]:
+    _, _, plan = _plan(budget, cfg, known_rows, None)
+    return [StorageOption(r["aux_dtype"], r["target_store"], int(r["bytes_per_sample"]), int(r["total_bytes"]))
+            for r in plan.rows]
+
+
+def _step_budgets(budget: Any, cfg: Any, gpus: int, known_rows: int | None = None,
+                  tokens_per_s: float | None = None) -> list[StepBudget]:
+    from core.cache.layout import StorageOptions
+
+    f, t = cfg.features, cfg.train
+    shape, vd, plan = _plan(budget, cfg, known_rows, [StorageOptions(f.aux_dtype, f.target_store, f.topk)])
+    fwd, online = plan.gpu["target_forward"], plan.gpu["online_step"]
+    # on CPU everything runs in fp32 (design: bf16 was 3x slower there): same formula, 4-byte elements
+    fwd_cpu = budget.target_forward_memory(shape, vd, t.max_tokens_per_batch, dtype_bytes=4)
+    draft_params = shape.draft_params(vd, t.num_layers)
+    train_gpu = online["total"] if f.mode == "online" else online["total"] - online["target"]
+    train_ram = (fwd_cpu["total"] - fwd_cpu["runtime"] if f.mode == "online" else 0) + \
+        online["draft_embedding"] * 2 + online["draft_and_optimizer"] + online["ttt_activations"]
+    weights_cpu = fwd_cpu["weights"]
+    ckpt = t.keep_last * draft_params * (4 + 8)  # fp32 weights + AdamW moments per kept checkpoint
+    export = (draft_params + shape.vocab_size * shape.hidden_size) * 4  # with the embedding; fp32 bound
+    n, note = sample_count(cfg, known_rows)
+    # time: the target's measured prefill speed over every sample at max length (an upper bound);
+    # online training runs that forward every epoch, so it takes at least epochs x as long
+    forward_s = n * f.max_length / tokens_per_s if tokens_per_s else None
+    train_s = forward_s * t.epochs if forward_s is not None and f.mode == "online" else None
+    out = [StepBudget("regen", None, fwd["weights"] + fwd["runtime"], weights_cpu, None,
+                      "text only: small next to the cache"),
+           StepBudget("cache", int(plan.rows[0]["total_bytes"]), fwd["total"],
+                      fwd_cpu["total"] - fwd_cpu["runtime"], forward_s,
+                      f"{fmt_bytes(plan.rows[0]['bytes_per_sample'])} per sample x {note}"),
+           StepBudget("train", ckpt, train_gpu, train_ram, train_s,
+                      f"draft {draft_params / 1e6:.1f} M params, {f.mode} features"),
+           StepBudget("eval", None, fwd["weights"] + fwd["runtime"] + draft_params * 2, weights_cpu + draft_params * 4),
+           StepBudget("export", export, None, None)]
+    return out
 
 
 def _serve_command(serve: Any, cfg: Any) -> str:
-    raise NotImplementedError("core.serve has no command builder yet")
+    target = cfg.target.model
+    if target == "demo":
+        from core.assets import DEMO_TARGET_NAME, cache_dir
+
+        target = str(cache_dir() / "models" / DEMO_TARGET_NAME)
+    s = cfg.serve
+    sc = serve.ServeConfig(target=target, draft=str(cfg.step_output_dir("export").absolute()), engine=s.engine,
+                           num_steps=s.num_steps, topk=s.topk, num_draft_tokens=s.num_draft_tokens,
+                           tp_size=s.tp_size, host=s.host, port=s.port).validate()
+    import shlex
+
+    return shlex.join(serve.build_argv(sc, sc.draft))

@@ -146,19 +146,25 @@ class DatasetPane(Pane):
 
                 spec_kwargs["source"] = str(demo_dataset())
             convs, report = load_conversations(DataSpec(**spec_kwargs))
-            body = render_preview(convs, report, spec_kwargs["limit"], source)
+            body = render_preview(convs, report, source)
+            self.app.call_from_thread(self._learned_size, source, report.rows_in_source)
         except Exception as e:  # shown in the pane: a bad dataset must not crash the wizard
             body = Text(f"Cannot read the dataset: {e}", style="bold red")
         self.app.call_from_thread(self._show, body)
+
+    def _learned_size(self, source: str, rows: int) -> None:
+        """The budget now counts the dataset's real size instead of an assumption."""
+        self.app.known_rows[source] = rows
+        self.screen.refresh_state()
 
     def _show(self, body: Any) -> None:
         self.query_one("#preview-area", Static).update(body)
 
 
-def render_preview(convs: list, report: Any, checked_limit: int, source: str) -> Table | Text:
+def render_preview(convs: list, report: Any, source: str) -> Table | Text:
     """The first conversations as a table, then the bad-row report (counts by reason, first rows)."""
-    table = Table(title=f"{len(convs)} good conversations read from {os.path.basename(str(source)) or source}"
-                  + (f" (first {checked_limit} rows checked)" if len(convs) >= checked_limit else ""),
+    table = Table(title=f"{report.rows_in_source} rows in {os.path.basename(str(source)) or source}; "
+                  f"{len(convs)} good conversations in the first {report.rows_read} rows read",
                   expand=True, title_justify="left")
     table.add_column("#", justify="right", width=5)
     table.add_column("turns", justify="right", width=5)
@@ -169,7 +175,7 @@ def render_preview(convs: list, report: Any, checked_limit: int, source: str) ->
         answer = next((m["content"] for m in c.messages if m["role"] == "assistant"), "")
         table.add_row(str(c.index), str(len(c.messages)), _one_line(user), _one_line(answer))
     bad = list(_bad_rows(report))
-    out = Table.grid()
+    out = Table.grid(expand=True)
     out.add_row(table)
     if not bad:
         out.add_row(Text("No bad rows.", style="green"))
@@ -177,8 +183,8 @@ def render_preview(convs: list, report: Any, checked_limit: int, source: str) ->
     counts = _counts(report, bad)
     out.add_row(Text(f"{len(bad)} bad rows skipped: "
                      + ", ".join(f"{n} {reason}" for reason, n in counts.items()), style="bold yellow"))
-    for index, reason in bad[:5]:
-        out.add_row(Text(f"  row {index}: {reason}", style="yellow"))
+    for index, reason, detail in bad[:5]:
+        out.add_row(Text(f"  row {index}: {reason}" + (f" ({detail})" if detail else ""), style="yellow"))
     return out
 
 
@@ -188,19 +194,10 @@ def _one_line(s: str, n: int = 60) -> str:
 
 
 def _bad_rows(report: Any):
-    rows = getattr(report, "bad_rows", None) or getattr(report, "bad", None) or []
+    rows = report.bad_rows
     for r in rows:
-        if isinstance(r, (tuple, list)):
-            yield r[0], r[1]
-        else:
-            yield getattr(r, "index", "?"), getattr(r, "reason", str(r))
+        yield r.index, r.reason, _one_line(r.detail, 70)
 
 
 def _counts(report: Any, bad: list) -> dict[str, int]:
-    counts = getattr(report, "counts", None) or getattr(report, "by_reason", None)
-    if isinstance(counts, dict) and counts:
-        return dict(counts)
-    out: dict[str, int] = {}
-    for _, reason in bad:
-        out[reason] = out.get(reason, 0) + 1
-    return out
+    return dict(report.counts)

@@ -47,20 +47,22 @@ class FeaturesPane(Pane):
         for row in self.rows():
             if row.path in OFFLINE_ONLY:
                 row.disabled = online or (row.path == "features.topk" and cfg.features.target_store != "topk")
-        self.query_one("#storage-table", Static).update(storage_table(cfg))
+        known = getattr(self.app, "known_rows", {}).get(cfg.dataset.source)
+        self.query_one("#storage-table", Static).update(storage_table(cfg, known))
 
     def why_no_run(self, cfg: Any) -> str:
         return "online mode writes no cache: the target runs inside training (Train pane)"
 
 
-def storage_table(cfg: Any) -> Any:
+def storage_table(cfg: Any, known_rows: int | None = None) -> Any:
     if cfg.features.mode == "online":
         return Text("Online: nothing is stored; each training step runs the target forward "
                     "(GPU memory for target and draft together; see the budget panel).", style="italic")
-    rows = estimates.storage_options(cfg)
+    rows = estimates.storage_options(cfg, known_rows)
     if isinstance(rows, str):
         return Text(rows, style="italic")
-    t = Table(title="Storage options: bytes per sample (this target, this max length)",
+    _, note = estimates.sample_count(cfg, known_rows)
+    t = Table(title=f"Storage options for this target, every sample at max length; {note}",
               title_justify="left", expand=True)
     t.add_column("hidden states")
     t.add_column("target distribution")
