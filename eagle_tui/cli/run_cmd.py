@@ -1,9 +1,151 @@
-"""`eagle run` commands (not built yet)."""
+"""`eagle run CONFIG` (the whole pipeline from one YAML file) and `eagle demo` (embedded defaults)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from eagle_tui.cli import common
+
+
+def demo_config(quick: bool, workdir: str):
+    """The demo on the embedded defaults, sized for a 2-core CPU (about 15 min, --quick about 3)."""
+    from core.runconfig import RunConfig
+
+    cfg = RunConfig(workdir=workdir)
+    cfg.target.device = "cpu"
+    cfg.dataset.source = "demo"
+    cfg.dataset.shuffle_seed = None  # evaluation takes the prompts right after the training rows
+    cfg.dataset.limit = 12 if quick else 48
+    cfg.regen.launch = "transformers"
+    cfg.regen.concurrency = 8
+    cfg.regen.max_new_tokens = 48 if quick else 128
+    cfg.regen.shard_size = 16
+    cfg.vocab.draft_vocab_size = 8192
+    cfg.features.mode = "offline"
+    cfg.features.max_length = 384 if quick else 512
+    cfg.features.shard_size = 16
+    cfg.train.ttt_length = 3
+    cfg.train.lr = 3e-4
+    cfg.train.warmup_ratio = 0.05
+    cfg.train.epochs = 3 if quick else 8
+    cfg.train.max_tokens_per_batch = 2048
+    cfg.train.val_fraction = 0.1
+    cfg.train.save_every = 50
+    cfg.eval.num_prompts = 3 if quick else 8
+    cfg.eval.max_new_tokens = 32 if quick else 64
+    cfg.eval.num_draft_tokens = 3
+    return cfg.validate()
+
+
+def _parse_steps(steps: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in steps.split(",") if s.strip()] if steps else None
+
+
+def _print_plan(plan: dict) -> None:
+    from core.budget import format_bytes as fb
+
+    t, d = plan["target"], plan["dataset"]
+    common.echo(f"target   {t['path']}  ({t['params'] / 1e6:.0f}M params, hidden {t['hidden_size']}, "
+                f"{t['num_hidden_layers']} layers, vocab {t['vocab_size']})")
+    common.echo(f"dataset  {d['conversations']} conversations ({d['bad_rows']} bad rows skipped), "
+                f"mean {d['mean_tokens']:.0f} tokens (measured on {d['measured_on']})")
+    for step, s in plan["steps"].items():
+        if step == "regen":
+            line = (f"{s['requests']} requests, ~{s['answer_tokens_est']} answer tokens "
+                    f"(at most {s['max_answer_tokens']})")
+        elif step == "cache":
+            line = (f"{s['option']}: {fb(s['bytes_per_sample'])}/sample, {fb(s['total_bytes'])} in all "
+                    f"({s['vs_nemo']:.0%} of NeMo's {fb(s['nemo_bytes_per_sample'])}/sample); free "
+                    f"{fb(s['free_bytes'])}" + ("" if s["fits"] else "  ** DOES NOT FIT **")
+                    + f"; GPU for the target forward {fb(s['gpu_bytes_target_forward'])}")
+        elif step == "train":
+            line = (f"{s['mode']}, {s['tokens_per_epoch']} tokens/epoch x {s['epochs']} epochs, draft "
+                    f"{s['draft_params'] / 1e6:.1f}M params, checkpoints {fb(s['checkpoint_bytes'])}")
+            if s["gpu_bytes_online_step"]:
+                line += f", GPU per online step {fb(s['gpu_bytes_online_step'])}"
+        elif step == "eval":
+            line = f"{s['prompts']} prompts x {s['max_new_tokens']} tokens, k={s['num_draft_tokens']}"
+        else:
+            line = f"{fb(s['bytes'])} → {s['output_dir']}"
+        common.echo(f"{step:<8} {line}")
+
+
+def _run(cfg, steps: Optional[list[str]], resume: bool, plan_only: bool) -> None:
+    from core.pipeline import plan_pipeline, run_pipeline
+
+    if plan_only:
+        plan = plan_pipeline(cfg)
+        if common.jsonl_mode():
+            print(json.dumps({"event": "plan", "stage": "pipeline", "plan": plan}), flush=True)
+        else:
+            _print_plan(plan)
+        return
+    result = run_pipeline(cfg, common.make_sink("pipeline"), steps=steps, resume=resume)
+    if not common.jsonl_mode():
+        _print_summary(result.summary)
+
+
+def _print_summary(s: dict) -> None:
+    common.echo("")
+    common.echo("== eagle-tui summary ==")
+    if s.get("tau") is not None:
+        sim = f" (training's simulated τ {s['tau_sim']:.2f})" if s.get("tau_sim") else ""
+        common.echo(f"accept length τ (measured, bonus token counted): {s['tau']:.2f}{sim}")
+        common.echo(f"implied speedup: {s['implied_speedup']:.2f}x   lossless: "
+                    f"{'yes, every prompt matched the target' if s.get('lossless') else 'NO'}")
+        common.echo(f"report: {s['eval_report']}")
+    if s.get("export"):
+        common.echo(f"export: {s['export']}")
+        common.echo(f"SGLang: {s['sglang_command']}")
+        common.echo(f"vLLM:   {s['vllm_command']}")
+    common.echo(f"took {s['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in s['step_seconds'].items())})")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("run")
+    def run(
+        config: Path = typer.Argument(..., help="Pipeline YAML (write one with `eagle demo --write-only` "
+                                      "or from the TUI)."),
+        steps: Optional[str] = typer.Option(None, "--steps", help="Comma list of steps to run, among "
+                                            "regen,cache,train,eval,export (default: all enabled)."),
+        resume: bool = common.ResumeOpt,
+        plan: bool = typer.Option(False, "--plan", help="Print every step's disk / GPU / work budget "
+                                  "and exit; nothing heavy runs."),
+    ) -> None:
+        """Run the whole pipeline (regen → cache or online → train → eval → export) from one file.
+
+        Every step is resumable: after an interruption, run the same command with --resume.
+        Exit codes: 0 ok, 1 failure, 2 bad config or input, 130 interrupted.
+        """
+        from core.runconfig import RunConfig
+
+        _run(RunConfig.load(config), _parse_steps(steps), resume, plan)
+
+    @app.command("demo")
+    def demo(
+        quick: bool = typer.Option(False, "--quick", help="A ~3 minute version (fewer, shorter samples)."),
+        workdir: str = typer.Option("eagle-demo", "--workdir", help="Where the demo writes everything."),
+        plan: bool = typer.Option(False, "--plan", help="Print the budget and exit."),
+        write_only: bool = typer.Option(False, "--write-only", help="Write the demo config and exit."),
+    ) -> None:
+        """The whole pipeline on CPU with the embedded SmolLM2-135M-Instruct and ShareGPT samples.
+
+        Writes WORKDIR/demo.yaml (the same file `eagle run` reads) and runs it; re-running continues
+        where an earlier demo stopped (the demo always resumes). About 15 minutes on 2 cores
+        (--quick about 3).
+        """
+        from core.runconfig import RunConfig
+
+        wd = Path(workdir).expanduser().resolve()
+        name = "demo-quick.yaml" if quick else "demo.yaml"
+        cfg = demo_config(quick, str(wd / ("quick" if quick else "full")))
+        wd.mkdir(parents=True, exist_ok=True)
+        cfg.save(wd / name)
+        common.echo(f"demo config: {wd / name}")
+        if write_only:
+            return
+        _run(RunConfig.load(wd / name), None, True, plan)

@@ -1,0 +1,278 @@
+"""The whole pipeline from one RunConfig: regen → cache (or online) → train → eval → export.
+
+`run_pipeline` maps each section of the YAML onto the stage's own typed config and calls the
+stage's public entry in order; each stage keeps its own resume and refusal rules, so a pipeline
+interrupted anywhere continues with `resume=True` (finished steps find their complete outputs and
+return at once). `plan_pipeline` gives every step's budget before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import UsageError
+from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
+from core.runconfig import STEPS, RunConfig
+
+STAGE = "pipeline"
+
+
+@dataclass
+class PipelineResult:
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # step -> its summary
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_target(model: str, events: EventSink | None = None) -> str:
+    """"demo" → the embedded SmolLM2 folder (converted once); a path or hub id passes through."""
+    if model == "demo":
+        from core.assets import demo_target
+
+        return str(demo_target(events))
+    return model
+
+
+def select_steps(cfg: RunConfig, steps: list[str] | None) -> list[str]:
+    enabled = cfg.enabled_steps()
+    if not steps:
+        return enabled
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise UsageError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+    off = [s for s in steps if s not in enabled]
+    if off:
+        raise UsageError(f"step(s) {', '.join(off)} are switched off in this config",
+                         hint="regen.enabled, features.mode offline (for cache), eval.enabled")
+    return [s for s in enabled if s in steps]  # always in pipeline order
+
+
+def training_data(cfg: RunConfig) -> dict[str, Any]:
+    """Where training data comes from: the regenerated set, or the dataset as configured."""
+    if cfg.regen.enabled:
+        return {"source": str(cfg.step_output_dir("regen")), "split": None, "messages_column": None,
+                "shuffle_seed": None, "limit": None}
+    d = cfg.dataset
+    return {"source": d.source, "split": d.split, "messages_column": d.messages_column,
+            "shuffle_seed": d.shuffle_seed, "limit": d.limit}
+
+
+def _regen(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
+    from core.regen import RegenConfig, regenerate
+
+    r, d = cfg.regen, cfg.dataset
+    rc = RegenConfig(input_data=d.source, output_dir=str(cfg.step_output_dir("regen")), model=target,
+                     servers=list(r.servers), launch=None if r.servers else r.launch,
+                     launch_device=cfg.target.device, split=d.split, messages_column=d.messages_column,
+                     shuffle_seed=d.shuffle_seed, limit=d.limit, strict=d.strict,
+                     shard_size=r.shard_size, max_new_tokens=r.max_new_tokens,
+                     temperature=r.temperature, top_p=r.top_p, seed=r.seed, reasoning=r.reasoning,
+                     turns=r.turns, concurrency=r.concurrency, request_timeout=r.request_timeout,
+                     max_retries=r.max_retries, max_failure_rate=r.max_failure_rate, resume=resume)
+    return regenerate(rc, events).to_dict()
+
+
+def _cache(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
+    from core.cache import CacheConfig, build_cache
+
+    f, data = cfg.features, training_data(cfg)
+    cc = CacheConfig(target=target, data=data["source"], output_dir=str(cfg.step_output_dir("cache")),
+                     draft_vocab_size=cfg.vocab.draft_vocab_size, aux_layer_ids=f.aux_layers,
+                     max_length=f.max_length, aux_dtype=f.aux_dtype, target_store=f.target_store,
+                     topk=f.topk, shard_size=f.shard_size, nproc=f.nproc,
+                     batch_tokens=max(f.max_length, cfg.train.max_tokens_per_batch),
+                     device=cfg.target.device, split=data["split"],
+                     messages_column=data["messages_column"], shuffle_seed=data["shuffle_seed"],
+                     limit=data["limit"], strict=cfg.dataset.strict, resume=resume,
+                     command="eagle run")
+    return build_cache(cc.validate(), events).to_dict()
+
+
+def train_config(cfg: RunConfig, target: str, resume: bool):
+    from core.train import TrainConfig
+
+    t, f = cfg.train, cfg.features
+    common = dict(output_dir=str(cfg.step_output_dir("train")), num_layers=t.num_layers,
+                  ttt_length=t.ttt_length, decay=t.decay, lr=t.lr, warmup_ratio=t.warmup_ratio,
+                  grad_clip=t.grad_clip, grad_accum=t.grad_accum,
+                  max_tokens_per_batch=t.max_tokens_per_batch, epochs=t.epochs,
+                  max_steps=t.max_steps, seed=t.seed, save_every=t.save_every,
+                  keep_last=t.keep_last, val_fraction=t.val_fraction, nproc=t.nproc,
+                  device=cfg.target.device, resume=resume)
+    if f.mode == "offline":
+        return TrainConfig(cache=str(cfg.step_output_dir("cache")), **common)
+    data = training_data(cfg)
+    return TrainConfig(target=target, data=data["source"], data_split=data["split"],
+                       messages_column=data["messages_column"], data_limit=data["limit"],
+                       draft_vocab_size=cfg.vocab.draft_vocab_size, aux_layer_ids=f.aux_layers,
+                       max_length=f.max_length, **common)
+
+
+def _train(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
+    from core.train import train
+    from core.train.spawn import run_torchrun
+
+    tc = train_config(cfg, target, resume).validate()
+    if tc.nproc > 1:
+        return run_torchrun(tc, events)
+    return train(tc, events).to_dict()
+
+
+def _eval(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
+    from core.evaluate import EvalConfig, evaluate
+
+    d, e = cfg.dataset, cfg.eval
+    # Held-out prompts: the training rows are the first `limit` usable conversations of the
+    # dataset, so evaluation starts after them.
+    offset = d.limit if d.limit is not None and d.split is None and d.shuffle_seed is None else 0
+    ec = EvalConfig(target=target, draft=str(cfg.step_output_dir("train")), data=d.source,
+                    num_prompts=e.num_prompts, num_draft_tokens=e.num_draft_tokens,
+                    max_new_tokens=e.max_new_tokens, output=str(cfg.step_output_dir("eval")),
+                    split=d.split, messages_column=d.messages_column, offset=offset,
+                    device=cfg.target.device)
+    report = evaluate(ec, events)
+    return {"output": ec.output, **report["summary"], "tau_sim": report.get("tau_sim")}
+
+
+def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
+    import json
+
+    from core.export import ExportConfig, export_draft
+    from core.serve import find_checkpoint
+
+    out = cfg.step_output_dir("export")
+    run = cfg.step_output_dir("train")
+    meta_file = out / "eagle_export.json"
+    if resume and meta_file.is_file():
+        ckpt = find_checkpoint(run)
+        done = json.loads(meta_file.read_text()).get("produced_by", {})
+        if ckpt is not None and done.get("source") == str(Path(ckpt).resolve()):
+            events(Log(stage="export", message=f"{out} already holds the export of {ckpt.name}"))
+            return {"output_dir": str(out), "format": cfg.export.format, "reused": True}
+    result = export_draft(ExportConfig(source=str(run), output_dir=str(out), format=cfg.export.format,
+                                       target=target), events)
+    return {"output_dir": result.output_dir, "format": result.format,
+            "aux_layer_ids": result.meta.get("aux_layer_ids")}
+
+
+STEP_FUNCS = {"regen": _regen, "cache": _cache, "train": _train, "eval": _eval, "export": _export}
+
+
+def serving_commands(cfg: RunConfig, target: str) -> dict[str, str]:
+    """The SGLang and vLLM command lines for the exported draft (printed, never run here)."""
+    from core.serve import ServeConfig, plan
+
+    s, out = cfg.serve, {}
+    for engine in ("sglang", "vllm"):
+        sc = ServeConfig(target=target, draft=str(cfg.step_output_dir("export")), engine=engine,
+                         num_steps=s.num_steps, topk=1 if engine == "vllm" else s.topk,
+                         num_draft_tokens=(s.num_steps + 1) if engine == "vllm" else s.num_draft_tokens,
+                         tp_size=s.tp_size, host=s.host, print_only=True,
+                         port=s.port if engine == s.engine else None)
+        out[engine] = plan(sc.validate()).command()
+    return out
+
+
+def run_pipeline(cfg: RunConfig, events: EventSink | None = None, steps: list[str] | None = None,
+                 resume: bool = False) -> PipelineResult:
+    events = events or NullSink()
+    cfg.validate()
+    todo = select_steps(cfg, steps)
+    cfg.workdir_path().mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    events(StageStarted(stage=STAGE, total=len(todo), unit="steps",
+                        settings={"steps": todo, "workdir": str(cfg.workdir_path()), "resume": resume}))
+    target = resolve_target(cfg.target.model, events)
+    result = PipelineResult()
+    timings: dict[str, float] = {}
+    for i, step in enumerate(todo):
+        events(Log(stage=STAGE, message=f"step {i + 1}/{len(todo)}: {step}"))
+        s0 = time.monotonic()
+        result.steps[step] = STEP_FUNCS[step](cfg, target, resume, events)
+        timings[step] = round(time.monotonic() - s0, 1)
+        events(Progress(stage=STAGE, done=i + 1, total=len(todo), unit="steps",
+                        extra={"step": step, "seconds": timings[step]}))
+    result.summary = summarize(cfg, target, result.steps, timings, time.monotonic() - t0)
+    events(StageFinished(stage=STAGE, summary=result.summary))
+    return result
+
+
+def summarize(cfg: RunConfig, target: str, steps: dict[str, dict[str, Any]], timings: dict[str, float],
+              seconds: float) -> dict[str, Any]:
+    s: dict[str, Any] = {"workdir": str(cfg.workdir_path()), "seconds": round(seconds, 1),
+                         "step_seconds": timings}
+    if "eval" in steps:
+        ev = steps["eval"]
+        s.update(tau=ev.get("tau"), tau_sim=ev.get("tau_sim"), lossless=ev.get("lossless"),
+                 implied_speedup=ev.get("implied_speedup"), eval_report=ev.get("output"))
+    export_dir = cfg.step_output_dir("export")
+    if (export_dir / "config.json").is_file():
+        s["export"] = str(export_dir)
+        s.update({f"{k}_command": v for k, v in serving_commands(cfg, target).items()})
+    return s
+
+
+# ---- budget of every step, before anything heavy ---------------------------------------------
+def plan_pipeline(cfg: RunConfig, sample_size: int = 256, events: EventSink | None = None) -> dict[str, Any]:
+    """Disk, GPU memory and work of each enabled step, from the dataset's measured token lengths."""
+    from core.budget import StorageOptions, TargetShape, free_disk, make_plan
+    from core.data import DataSpec, load_conversations
+    from core.tokenize import load_tokenizer, tokenize_conversation
+
+    cfg.validate()
+    target = resolve_target(cfg.target.model, events)
+    shape = TargetShape.resolve(target)
+    d = cfg.dataset
+    convs, report = load_conversations(DataSpec(source=d.source, split=d.split,
+                                                messages_column=d.messages_column,
+                                                shuffle_seed=d.shuffle_seed, limit=d.limit))
+    if not convs:
+        raise UsageError(f"dataset {d.source!r} has no usable conversations")
+    tok = load_tokenizer(target)
+    lengths, answer_tokens = [], []
+    for conv in convs[:sample_size]:
+        t = tokenize_conversation(tok, conv.messages, max_length=cfg.features.max_length)
+        lengths.append(len(t.input_ids))
+        answer_tokens.append(min(t.num_supervised, cfg.regen.max_new_tokens))
+    n = len(convs)
+    mean_len = sum(lengths) / len(lengths)
+    out: dict[str, Any] = {"target": {"path": target, "hidden_size": shape.hidden_size,
+                                      "num_hidden_layers": shape.num_hidden_layers,
+                                      "vocab_size": shape.vocab_size, "params": shape.num_params()},
+                           "dataset": {"conversations": n, "bad_rows": len(report.bad_rows),
+                                       "mean_tokens": round(mean_len, 1), "measured_on": len(lengths)},
+                           "steps": {}}
+    steps = out["steps"]
+    if cfg.regen.enabled:
+        steps["regen"] = {"requests": n, "answer_tokens_est": round(n * sum(answer_tokens) / len(answer_tokens)),
+                          "max_answer_tokens": n * cfg.regen.max_new_tokens,
+                          "output_dir": str(cfg.step_output_dir("regen"))}
+    f = cfg.features
+    opt = StorageOptions(aux_dtype=f.aux_dtype, target_store=f.target_store, topk=f.topk)
+    vd = min(cfg.vocab.draft_vocab_size, shape.vocab_size)
+    bp = make_plan(shape, num_samples=n, lengths=lengths, seq_length=f.max_length, draft_vocab_size=vd,
+                   options=[opt], shard_size=f.shard_size, output_dir=str(cfg.step_output_dir("cache")),
+                   batch_tokens=cfg.train.max_tokens_per_batch, ttt_length=cfg.train.ttt_length)
+    row = bp.rows[0]
+    nemo = next(a for a in bp.anchors if a["name"] == "nemo")
+    if f.mode == "offline":
+        _, free = free_disk(str(cfg.step_output_dir("cache")))
+        steps["cache"] = {"option": row["option"], "bytes_per_sample": row["bytes_per_sample"],
+                          "total_bytes": row["total_bytes"], "nemo_bytes_per_sample": nemo["bytes_per_sample"],
+                          "vs_nemo": row["vs_nemo"], "free_bytes": free, "fits": row["total_bytes"] <= free,
+                          "gpu_bytes_target_forward": bp.gpu["target_forward"]["total"],
+                          "output_dir": str(cfg.step_output_dir("cache"))}
+    draft_params = shape.draft_params(vd, cfg.train.num_layers)
+    steps["train"] = {"mode": f.mode, "tokens_per_epoch": round(mean_len * n), "epochs": cfg.train.epochs,
+                      "max_steps": cfg.train.max_steps, "draft_params": draft_params,
+                      "gpu_bytes_online_step": bp.gpu["online_step"]["total"] if f.mode == "online" else None,
+                      "checkpoint_bytes": draft_params * 4 * 3 * cfg.train.keep_last,
+                      "output_dir": str(cfg.step_output_dir("train"))}
+    if cfg.eval.enabled:
+        steps["eval"] = {"prompts": cfg.eval.num_prompts, "max_new_tokens": cfg.eval.max_new_tokens,
+                         "num_draft_tokens": cfg.eval.num_draft_tokens}
+    steps["export"] = {"bytes": (draft_params + shape.vocab_size * shape.hidden_size) * 4,
+                       "output_dir": str(cfg.step_output_dir("export"))}
+    return out
