@@ -38,7 +38,9 @@ from core.errors import InputDataError, UsageError
 
 RUNTIME_BYTES = 1 << 30
 LOGITS_CHUNK_BYTES = 64 << 20  # = core.features.LOGITS_CHUNK_BYTES (not imported: no torch here)
-JSON_FILES_BYTES = 8192  # manifest.json, vocab.json, target_config.json (approximate)
+# manifest.json, vocab.json, target_config.json, failures.jsonl: about this much, plus per shard
+# (its record) and per sample (its length in the record). Measured on written caches.
+JSON_BASE_BYTES, JSON_SHARD_BYTES, JSON_SAMPLE_BYTES = 3500, 300, 12
 
 # Public shapes of common targets (their config.json values).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -146,7 +148,8 @@ def estimate_cache_bytes(dims: CacheDims, opts: StorageOptions, lengths: Sequenc
             shard_total += layout.shard_file_bytes([lengths[0]] * (n % shard_size), dims, opts)
     else:
         shard_total = sum(layout.shard_file_bytes([lengths[i] for i in g], dims, opts) for g in groups)
-    fixed = layout.head_file_bytes(dims, opts) + JSON_FILES_BYTES
+    fixed = (layout.head_file_bytes(dims, opts) + JSON_BASE_BYTES + JSON_SHARD_BYTES * len(groups)
+             + JSON_SAMPLE_BYTES * n)
     if target_vocab_size:
         fixed += layout.vocab_file_bytes(target_vocab_size, dims.draft_vocab_size)
     return CacheEstimate(shard_bytes=shard_total, fixed_bytes=fixed, num_samples=n, num_shards=len(groups))
@@ -184,7 +187,8 @@ def target_forward_memory(shape: TargetShape, draft_vocab_size: int, batch_token
     rows = max(1, LOGITS_CHUNK_BYTES // (V * max(b, 4)))
     parts = {"weights": shape.num_params() * b,
              "activations": BT * b * (7 * H + (2 * nh + 2 * nkv) * hd + 3 * I),
-             "logits": min(BT, rows) * V * max(b, 4) + 2 * BT * draft_vocab_size * 4,
+             "logits_chunk": min(BT, rows) * V * max(b, 4),
+             "draft_probs": 2 * BT * draft_vocab_size * 4,
              "runtime": RUNTIME_BYTES}
     parts["total"] = sum(parts.values())
     return parts

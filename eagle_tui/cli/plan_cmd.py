@@ -37,7 +37,8 @@ def render_plan(p: dict[str, Any]) -> str:
     f, o = g["target_forward"], g["online_step"]
     lines += ["", f"GPU memory, {g['batch_tokens']} tokens per batch:",
               f"  target forward (cache): {fb(f['total'])} (weights {fb(f['weights'])}, activations "
-              f"{fb(f['activations'])}, logits {fb(f['logits'])}, runtime {fb(f['runtime'])})",
+              f"{fb(f['activations'])}, logits chunk {fb(f['logits_chunk'])}, draft-vocab probs "
+              f"{fb(f['draft_probs'])}, runtime {fb(f['runtime'])})",
               f"  online training step (TTT {g['ttt_length']}): {fb(o['total'])} (target {fb(o['target'])}, "
               f"draft + AdamW {fb(o['draft_and_optimizer'])}, embedding {fb(o['draft_embedding'])}, "
               f"TTT activations {fb(o['ttt_activations'])})"]
@@ -75,7 +76,9 @@ def register(app: typer.Typer) -> None:
         """Bytes per sample and in total for every cache storage option next to the NeMo, SpecForge
         and speculators layouts, free disk, GPU memory for the target forward and an online step."""
         from core.budget import make_plan
+        from core.cache import StorageOptions
 
+        StorageOptions(target_store="topk", topk=topk).validate(draft_vocab_size)  # before any slow work
         lengths = None
         if data is not None:
             from types import SimpleNamespace
