@@ -82,6 +82,8 @@ def build_command(backend: str, model: str, host: str, port: int, device: str = 
                 "--host", host, "--port", str(port), "--continuous-batching"]
         if device != "auto":
             argv += ["--device", device]
+        if device == "cpu":
+            argv += _cpu_cache_args(extra_args)
     elif backend == "sglang":
         argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", name,
                 "--host", host, "--port", str(port)]
@@ -93,6 +95,19 @@ def build_command(backend: str, model: str, host: str, port: int, device: str = 
     else:
         raise UsageError(f"unknown target server backend {backend!r}; use one of {', '.join(BACKENDS)}")
     return argv + list(extra_args)
+
+
+# Continuous batching sizes its paged KV cache from free memory: on CPU it takes 60% of RAM,
+# which costs ~10 GB and ~40 s of zero-filling before the first answer on a 24 GB box. A fixed
+# cache of 64 blocks x 256 tokens (16k tokens; ~0.75 GB for SmolLM2-135M) answers in seconds.
+CPU_CACHE_ARGS = {"--cb-num-blocks": "64", "--cb-max-batch-tokens": "1024"}
+
+
+def _cpu_cache_args(extra_args: Sequence[str]) -> list[str]:
+    given = {a.split("=")[0] for a in extra_args}
+    if "--cb-max-memory-percent" in given:
+        return []
+    return [x for k, v in CPU_CACHE_ARGS.items() if k not in given for x in (k, v)]
 
 
 def resolve_device(device: str) -> str:

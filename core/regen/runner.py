@@ -82,6 +82,10 @@ def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult
     """The one public entry of the regen stage (see the module docstring)."""
     events = events or NullSink()
     cfg.validate()
+    if cfg.launch:
+        from core.target_server import check_backend_installed
+
+        check_backend_installed(cfg.launch)  # exit 2 with an install hint, before any work
     settings = cfg.content_settings()
     _precheck_output(cfg, settings)
 
@@ -156,7 +160,11 @@ class _Run:
         return recs + self.bad_rows
 
     def _seal(self, k: int) -> None:
-        """Write shard k from the journal, record its checksum, refresh failures.jsonl."""
+        self._write_sealed(self._seal_plan(k))
+
+    def _seal_plan(self, k: int) -> dict[str, Any]:
+        """Everything shard k needs, copied from the journal on the event-loop thread (the write
+        itself may run in a worker thread while new samples keep arriving)."""
         rows, failed, skipped = [], 0, 0
         for p in self._shard_positions(k):
             conv = self.convs[p]
@@ -166,16 +174,23 @@ class _Run:
             else:
                 failed += e["status"] == FAILED
                 skipped += e["status"] == SKIPPED
-        name = shard_name(k)
-        write_shard(self.out / name, rows, with_reasoning=self.cfg.reasoning == "save")
         pos = self._shard_positions(k)
-        self.manifest.add_shard(self.out, name, len(rows), failed=failed, skipped=skipped,
-                                first_position=pos.start, last_position=pos.stop - 1)
-        self._refresh_manifest()
-        write_failures(self.out, self._failure_records())
+        return {"name": shard_name(k), "rows": rows, "failed": failed, "skipped": skipped,
+                "first": pos.start, "last": pos.stop - 1, "counts": self._counts(),
+                "failures": self._failure_records()}
 
-    def _refresh_manifest(self, complete: bool = False, **extra: Any) -> None:
-        c = self._counts()
+    def _write_sealed(self, plan: dict[str, Any]) -> None:
+        """Shard parquet, then its checksum in the manifest, then failures.jsonl (all atomic)."""
+        write_shard(self.out / plan["name"], plan["rows"], with_reasoning=self.cfg.reasoning == "save")
+        self.manifest.add_shard(self.out, plan["name"], len(plan["rows"]), failed=plan["failed"],
+                                skipped=plan["skipped"], first_position=plan["first"],
+                                last_position=plan["last"])
+        self._refresh_manifest(counts=plan["counts"])
+        write_failures(self.out, plan["failures"])
+
+    def _refresh_manifest(self, complete: bool = False, counts: dict[str, int] | None = None,
+                          **extra: Any) -> None:
+        c = counts or self._counts()
         self.manifest.extra.update(done=c[DONE], failed=c[FAILED], skipped=c[SKIPPED],
                                    bad_rows=len(self.bad_rows), shards_total=self.n_shards, **extra)
         self.manifest.complete = complete
@@ -281,7 +296,7 @@ class _Run:
                 async with self.seal_lock:
                     sealed_now = not self._sealed_ok(k)
                     if sealed_now:
-                        await asyncio.to_thread(self._seal, k)
+                        await asyncio.to_thread(self._write_sealed, self._seal_plan(k))
                 if sealed_now:
                     self.events(ShardDone(stage=STAGE, shard=k, samples=_samples_of(self.manifest, k),
                                           path=str(self.out / shard_name(k)),

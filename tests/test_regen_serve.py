@@ -1,0 +1,110 @@
+"""Real `transformers serve` of the tiny fixture model: end-to-end regeneration, the
+`eagle target-server start` command, and the start-up failure paths."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from core.regen import RegenConfig, regenerate
+from core.target_server import TargetServerError, free_port, start_target_server
+from fault_server import read_output, write_conversations
+
+pytestmark = pytest.mark.slow
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_regen_with_a_launched_transformers_server(tiny_target, tmp_path):
+    specs = ["Hello! How can I help you today?", "What is the capital of France?",
+             "def add(a, b):", "The quick brown fox"]
+    inp = write_conversations(tmp_path / "in.jsonl", specs)
+    out = tmp_path / "out"
+    res = regenerate(RegenConfig(input_data=inp, output_dir=str(out), model=str(tiny_target),
+                                 launch="transformers", launch_device="cpu", concurrency=2,
+                                 max_new_tokens=6, shard_size=3, launch_ready_timeout=300,
+                                 request_timeout=120))
+    assert (res.done, res.failed, res.skipped) == (4, 0, 0) and res.tokens_generated > 0
+    rows, fails = read_output(out)
+    assert fails == [] and sorted(r["index"] for r in rows) == [0, 1, 2, 3]
+    for r in rows:
+        prompt = specs[r["index"]]
+        assert r["messages"][0] == {"role": "user", "content": prompt}
+        assert r["messages"][1]["role"] == "assistant" and isinstance(r["messages"][1]["content"], str)
+        assert r["original_messages"][1]["content"] == f"old({prompt})"
+        assert 1 <= r["completion_tokens"] <= 6 and r["prompt_tokens"] > 0
+        assert r["finish_reason"] in ("length", "stop")
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(out / "shard-*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 4
+    # the launched server was stopped after the run
+    log = (out / ".regen" / "transformers-server.log").read_text()
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)", log).group(1))
+    assert not listening(port)
+
+
+def test_target_server_command_serves_until_interrupted(tiny_target, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "from eagle_tui.cli import entry; entry()",
+                             "target-server", "start", "--backend", "transformers", "--model",
+                             str(tiny_target), "--device", "cpu", "--log", str(tmp_path / "s.log")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 300
+        while url is None:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            if line.startswith("url: "):
+                url = line.split()[1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", url)
+        conv = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "x"},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "y"}]
+        inp = write_conversations(tmp_path / "in.jsonl", [conv, "The quick brown fox"])
+        res = regenerate(RegenConfig(input_data=inp, output_dir=str(tmp_path / "out"),
+                                     model=str(tiny_target), servers=[url], turns="all",
+                                     reasoning="disable", seed=5, temperature=0.8,
+                                     max_new_tokens=4, request_timeout=120))
+        assert (res.done, res.failed) == (2, 0)
+        rows, _ = read_output(tmp_path / "out")
+        multi = next(r for r in rows if r["index"] == 0)
+        assert multi["turns_regenerated"] == 2 and len(multi["messages"]) == 4
+        assert [m["role"] for m in multi["messages"]] == ["user", "assistant", "user", "assistant"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert code == 130 and not listening(port)
+
+
+def test_server_that_dies_shows_its_log_tail(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    with pytest.raises(TargetServerError) as e:
+        start_target_server("transformers", str(empty), device="cpu", ready_timeout=300,
+                            log_path=tmp_path / "s.log")
+    msg = str(e.value)
+    assert "exited with code" in msg and str(tmp_path / "s.log") in msg
+    assert "Traceback" in msg or "Error" in msg  # the tail of the server's own log
+
+
+def test_server_not_ready_in_time_is_stopped(tiny_target, tmp_path):
+    port = free_port()
+    with pytest.raises(TargetServerError, match="not ready after 0.5s"):
+        start_target_server("transformers", str(tiny_target), port=port, device="cpu",
+                            ready_timeout=0.5, log_path=tmp_path / "s.log")
+    time.sleep(0.5)
+    assert not listening(port)
