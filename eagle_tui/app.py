@@ -37,6 +37,7 @@ class EagleApp(App):
     TITLE = "eagle-tui"
     SUB_TITLE = "EAGLE-3 draft: dataset → regenerate → cache/online → train → serve"
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    ENABLE_COMMAND_PALETTE = False  # every action has a key (see `?`); ctrl+p stays free
 
     def __init__(self, config: RunConfig | None = None, config_path: str | Path | None = None,
                  system: SystemInfo | None = None, command: Sequence[str] | None = None,

@@ -52,7 +52,7 @@ async def test_every_pane_shows_and_next_walks_them(tmp_path):
             await pilot.pause()
         assert seen == ["Dataset", "Regenerate", "Cache or Online", "Train", "Evaluate & Serve"]
         assert w.index == 4 and w.query_one("#next", Button).disabled
-        assert "last pane" in reason(app)
+        assert reason(app) == "ctrl+g runs all steps"
         await pilot.press("ctrl+b", "ctrl+b")
         assert w.index == 2
 
@@ -176,8 +176,18 @@ async def test_serve_pane_eval_toggle_and_serve_rule(tmp_path):
         await pilot.pause()
         assert w.query_one("#f-eval-num_prompts", FieldRow).disabled
         assert str(w.query_one("#run", Button).label) == "Run export"
+        command = str(w.query_one("#serve-command", Static).render())
+        assert "--speculative-algorithm EAGLE3" in command and "vllm serve" in command
+        assert "Serve with SGLang (chosen)" in command
         await set_input(pilot, "f-serve-num_draft_tokens", "9")
         assert "serve.num_draft_tokens" in reason(app) and "num_steps + 1 = 4" in reason(app)
+        assert "(no command: with --topk 1" in str(w.query_one("#serve-command", Static).render())
+        await set_input(pilot, "f-serve-num_draft_tokens", "4")
+        w.query_one("#f-serve-engine-control", Select).value = "vllm"
+        await pilot.pause()
+        command = " ".join(str(w.query_one("#serve-command", Static).render()).split())
+        assert command.startswith("Serve with vLLM (chosen): vllm serve")
+        assert '"num_speculative_tokens": 3' in command
 
 
 async def test_save_writes_the_yaml_eagle_run_reads_and_open_loads_it(tmp_path):

@@ -22,7 +22,8 @@ class PathPicker(ModalScreen["str | None"]):
         super().__init__()
         self.title_text, self.initial, self.must_exist = title, initial, must_exist
         start = Path(initial).expanduser()
-        self.root = root or str(start if start.is_dir() else start.parent if start.parent.is_dir() else Path.cwd())
+        base = start if start.is_dir() else start.parent if start.parent.is_dir() else Path.cwd()
+        self.root = root or str(base.resolve())
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="path-dialog"):

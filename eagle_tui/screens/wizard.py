@@ -43,7 +43,7 @@ class WizardScreen(Screen):
         Binding("ctrl+s", "app.save", "Save"),
         Binding("ctrl+o", "app.open", "Open"),
         Binding("ctrl+l", "app.dashboard", "Dashboard"),
-        Binding("ctrl+t", "app.measure", "Measure speed"),
+        Binding("ctrl+t", "app.measure", "Measure"),
         Binding("question_mark,f1", "app.help", "Help"),
     ]
 
@@ -96,7 +96,7 @@ class WizardScreen(Screen):
         if problems:
             reason.update(Text("✗ " + problems[0], style="bold red"))
         elif last:
-            reason.update(Text("last pane: ctrl+g runs the whole pipeline", style="dim"))
+            reason.update(Text("ctrl+g runs all steps", style="dim"))
         else:
             reason.update("")
         self.query_one("#back", Button).disabled = self.index == 0
@@ -114,7 +114,7 @@ class WizardScreen(Screen):
             if i:
                 out.append("›", style="dim")
             style = "bold reverse" if i == self.index else ("" if i < self.index else "dim")
-            out.append(f" {i + 1} {cls.TITLE} ", style=style)
+            out.append(f" {i + 1} {cls.SHORT or cls.TITLE} ", style=style)
         return out
 
     @on(FieldChanged)

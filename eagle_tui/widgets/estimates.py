@@ -73,15 +73,15 @@ def step_budgets(cfg: Any, gpus: int, known_rows: int | None = None,
         return PENDING.format(why=e)
 
 
-def serve_command(cfg: Any) -> str:
+def serve_command(cfg: Any, engine: str | None = None) -> str:
     try:
         from core import serve
     except ImportError as e:
         return PENDING.format(why=e)
     try:
-        return _serve_command(serve, cfg)
-    except Exception as e:
-        return PENDING.format(why=e)
+        return _serve_command(serve, cfg, engine or cfg.serve.engine)
+    except Exception as e:  # e.g. vLLM with top-k > 1: say why there is no command
+        return f"(no command: {e})"
 
 
 # ---- adapters to core's APIs ------------------------------------------------------------------
@@ -163,16 +163,20 @@ def _step_budgets(budget: Any, cfg: Any, gpus: int, known_rows: int | None = Non
     return out
 
 
-def _serve_command(serve: Any, cfg: Any) -> str:
+def _serve_command(serve: Any, cfg: Any, engine: str) -> str:
     target = cfg.target.model
     if target == "demo":
         from core.assets import DEMO_TARGET_NAME, cache_dir
 
         target = str(cache_dir() / "models" / DEMO_TARGET_NAME)
     s = cfg.serve
-    sc = serve.ServeConfig(target=target, draft=str(cfg.step_output_dir("export").absolute()), engine=s.engine,
+    sc = serve.ServeConfig(target=target, draft=str(cfg.step_output_dir("export").absolute()), engine=engine,
                            num_steps=s.num_steps, topk=s.topk, num_draft_tokens=s.num_draft_tokens,
                            tp_size=s.tp_size, host=s.host, port=s.port).validate()
     import shlex
+    import sys
 
-    return shlex.join(serve.build_argv(sc, sc.draft))
+    argv = serve.build_argv(sc, sc.draft)
+    if argv[0] == sys.executable:  # shown for the serving machine, whose python is its own
+        argv[0] = "python"
+    return shlex.join(argv)

@@ -53,6 +53,9 @@ class ShardBars(Static):
     """One bar per shard: finished shards full, the shard being written partly (from done counts)."""
 
     def show(self, s: StageView | None, width: int = 30) -> None:
+        if s is not None and s.unit == "steps" and not s.shards:  # training: steps, not shards
+            self.update(train_info(s))
+            return
         if s is None or (not s.shards and not s.shard_size):
             self.update(Text("no shards yet", style="dim"))
             return
@@ -85,6 +88,18 @@ class ShardBars(Static):
         head = Text(f"Shards {len(s.shards)}/{total_shards if total_shards else '?'} written"
                     + (f" (first {hidden} not shown)" if hidden else ""), style="bold")
         self.update(Group(head, t))
+
+
+def train_info(s: StageView) -> Text:
+    out = Text("Training\n", style="bold")
+    out.append(f"step {s.done}" + (f" of {s.total}" if s.total else "") + "\n")
+    for key, label in (("epoch", "epoch"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s")):
+        v = s.extra.get(key)
+        if isinstance(v, (int, float)):
+            out.append(f"{label} {v:.3g}\n" if isinstance(v, float) else f"{label} {v}\n")
+    out.append("last checkpoint " + (s.last_checkpoint or "none yet") + "\n",
+               style="green" if s.last_checkpoint else "dim")
+    return out
 
 
 def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:

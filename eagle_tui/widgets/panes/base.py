@@ -27,6 +27,7 @@ class Pane(VerticalScroll):
     """Subclasses set TITLE, SECTIONS (config sections they own) and STEPS (what Run starts here)."""
 
     TITLE = ""
+    SHORT = ""  # for the step bar, where the full title does not fit
     SECTIONS: tuple[str, ...] = ()
     STEPS: tuple[str, ...] = ()
 

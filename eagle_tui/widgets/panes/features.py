@@ -19,6 +19,7 @@ OFFLINE_ONLY = ("features.aux_dtype", "features.target_store", "features.topk", 
 
 class FeaturesPane(Pane):
     TITLE = "Cache or Online"
+    SHORT = "Cache/Online"
     SECTIONS = ("features", "vocab")
     STEPS = ("cache",)
 
@@ -26,8 +27,8 @@ class FeaturesPane(Pane):
         yield Static("Target features: write them once to an offline cache, or compute them online "
                      "while training", classes="pane-title")
         yield FieldRow("features.mode", "Mode", "choice", choices=[
-            ("offline cache (extract once, train many epochs)", "offline"),
-            ("online (target runs inside training, no cache)", "online")])
+            ("offline cache (extract once)", "offline"),
+            ("online (target inside training)", "online")])
         yield FieldRow("features.max_length", "Max sequence length", "int", minimum=8)
         yield FieldRow("vocab.draft_vocab_size", "Draft vocabulary", "int", minimum=2,
                        hint="most frequent target tokens the draft predicts")

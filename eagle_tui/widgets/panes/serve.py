@@ -15,6 +15,7 @@ from eagle_tui.widgets.panes.base import Pane
 
 class ServePane(Pane):
     TITLE = "Evaluate & Serve"
+    SHORT = "Eval & Serve"
     SECTIONS = ("eval", "export", "serve")
     STEPS = ("eval", "export")
 
@@ -44,8 +45,18 @@ class ServePane(Pane):
         self.query_one("#serve-command", Static).update(serve_command_text(cfg))
 
 
+ENGINE_NAMES = {"sglang": "SGLang", "vllm": "vLLM"}
+
+
 def serve_command_text(cfg: Any) -> Text:
-    cmd = estimates.serve_command(cfg)
-    out = Text(f"Serve it with {cfg.serve.engine}:\n", style="bold")
-    out.append(cmd, style="green" if not cmd.startswith("(") else "italic")
+    """The chosen engine's command first, then the other engine's, both from core.serve."""
+    out = Text()
+    chosen = cfg.serve.engine
+    for engine in (chosen, *(e for e in ENGINE_NAMES if e != chosen)):
+        cmd = estimates.serve_command(cfg, engine)
+        if out:
+            out.append("\n\n")
+        out.append(f"Serve with {ENGINE_NAMES[engine]}" + (" (chosen)" if engine == chosen else "") + ":\n",
+                   style="bold")
+        out.append(cmd, style="green" if not cmd.startswith("(") else "italic yellow")
     return out
