@@ -88,6 +88,11 @@ def test_round_trip(reference):
         err = (r["aux_hidden"] - f.aux_hidden).abs()
         assert bool((err <= 2 ** -8 * f.aux_hidden.abs() + 1e-6).all())
         assert float((r["target_probs"] - f.target_probs).abs().max()) < 1e-3
+    # DataLoader workers get a pickled reader without open handles; it reopens shards itself
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(reader))
+    assert not clone._handles and torch.equal(clone[len(reader) - 1]["aux_hidden"], reader[len(reader) - 1]["aux_hidden"])
     # sample_index points back into the dataset, in order
     idx = [reader[i]["sample_index"] for i in range(len(reader))]
     assert idx == sorted(idx) and len(set(idx)) == len(idx)

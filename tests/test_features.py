@@ -146,3 +146,16 @@ def test_bad_input_rows(model, vocab):
         ex([[1, 2], []])
     with pytest.raises(InputDataError, match="outside the target vocab"):
         ex([[1, vocab.target_vocab_size]])
+
+
+def test_device_map_auto_loads_and_matches(tiny_target, model, vocab):
+    """The large-target path (accelerate's device_map) gives the same features; on CPU it places
+    every module on the CPU."""
+    samples = _samples(vocab.target_vocab_size, (7, 12))
+    ref = TargetFeatureExtractor(model, vocab)(samples)
+    with TargetFeatureExtractor(str(tiny_target), vocab, device_map="auto", device="cpu") as ex:
+        got = ex(samples)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a.aux_hidden, b.aux_hidden)
+        torch.testing.assert_close(a.target_probs, b.target_probs)
+        assert torch.equal(a.position_mask, b.position_mask)
