@@ -41,6 +41,7 @@ class ConvertConfig:
     output_dir: str
     target: str | None = None  # local target folder: embeddings, rope_theta, layer count, template
     rope_theta: float | None = None  # when the source does not record it
+    aux_layer_ids: list[int] | None = None  # 0-based layer outputs, when the source does not record them
     dtype: str = "auto"
     include_embed: bool = True
 
@@ -266,6 +267,11 @@ def convert_checkpoint(cfg: ConvertConfig, events: EventSink | None = None) -> C
         tensors["d2t"] = torch.zeros(int(flat["vocab_size"]), dtype=torch.int64)
         fixes.append("identity d2t added (draft vocab = target vocab)")
     aux = _aux_layers(flat, layout, fixes)
+    if cfg.aux_layer_ids is not None:
+        if aux is not None and list(aux) != list(cfg.aux_layer_ids):
+            raise UsageError(f"--aux-layers {cfg.aux_layer_ids} contradicts the source's {aux}")
+        aux = [int(i) for i in cfg.aux_layer_ids]
+        fixes.append(f"aux layers {aux} from --aux-layers")
     if aux is not None and tcfg.get("num_hidden_layers") is None:
         raise UsageError("the source uses non-default aux layers; their meaning depends on the "
                          "target's layer count", hint="pass --target TARGET_FOLDER")

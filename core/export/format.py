@@ -79,6 +79,10 @@ def engine_aux_fields(aux_layer_ids: list[int] | None, num_target_layers: int | 
     eagle_aux_hidden_state_layer_ids. Raises UsageError for layers no engine can capture.
     """
     if aux_layer_ids is None:
+        if num_target_layers is not None and len(set(default_aux_layers(num_target_layers))) != 3:
+            raise UsageError(f"the engines' default aux layers {default_aux_layers(num_target_layers)} "
+                             f"are not three distinct layers for a {num_target_layers}-layer target; "
+                             "the layers the draft was trained on must be given explicitly")
         return {"default": True, "sglang": None, "vllm": None, "warnings": []}
     ids = [int(i) for i in aux_layer_ids]
     if num_target_layers is None:

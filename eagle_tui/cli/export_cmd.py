@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
                                              "embeddings, rope_theta and the layer count to --from."),
         rope_theta: Optional[float] = typer.Option(None, "--rope-theta", help="--from: the rope_theta the "
                                                    "draft was trained with, when the source omits it."),
+        aux_layers: Optional[str] = typer.Option(None, "--aux-layers", help="--from: the 0-based target "
+                                                 "layer outputs the draft was trained on (e.g. 1,15,28), "
+                                                 "when the source does not record them."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (as trained) | float32 | bfloat16 | float16"),
         no_embed: bool = typer.Option(False, "--no-embed", help="Leave out embed_tokens (engines share "
                                       "the target's when the hidden sizes match)."),
@@ -63,8 +66,14 @@ def register(app: typer.Typer) -> None:
                                  "--format speculators afterwards")
             from core.export import ConvertConfig, convert_checkpoint
 
+            aux = None
+            if aux_layers:
+                try:
+                    aux = [int(x) for x in aux_layers.split(",")]
+                except ValueError:
+                    raise UsageError(f"--aux-layers {aux_layers!r}: expected comma-separated integers")
             res = convert_checkpoint(ConvertConfig(source=from_dir, output_dir=output, target=target,
-                                                   rope_theta=rope_theta, dtype=dtype,
+                                                   rope_theta=rope_theta, dtype=dtype, aux_layer_ids=aux,
                                                    include_embed=not no_embed), sink)
             common.echo(f"converted {from_dir} ({res.source_layout}) -> {res.output_dir}")
             for f in res.fixes:

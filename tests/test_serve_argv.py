@@ -1,0 +1,168 @@
+"""`eagle serve`: exact SGLang / vLLM argv for each option, and every refusal path."""
+
+from __future__ import annotations
+
+import json
+import sys
+import pytest
+
+from core.errors import InputDataError, MissingDependencyError, UsageError
+from core.serve import ServeConfig, build_argv, plan, require_engine
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_target, tmp_path_factory):
+    from test_export_format import make_draft, write_draft_export
+
+    out = tmp_path_factory.mktemp("serve") / "export"
+    write_draft_export(make_draft(tiny_target), out, tiny_target)
+    return out
+
+
+def test_sglang_argv_reference_section_7(export_dir):
+    p = plan(ServeConfig(target="meta-llama/Llama-3.1-8B-Instruct", draft=str(export_dir)))
+    assert p.argv == [sys.executable, "-m", "sglang.launch_server",
+                      "--model-path", "meta-llama/Llama-3.1-8B-Instruct",
+                      "--speculative-algorithm", "EAGLE3",
+                      "--speculative-draft-model-path", str(export_dir.resolve()),
+                      "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+                      "--speculative-num-draft-tokens", "4", "--host", "127.0.0.1", "--port", "30000"]
+
+
+def test_sglang_options_and_extra_args(export_dir):
+    cfg = ServeConfig(target="T", draft=str(export_dir), num_steps=5, topk=1, num_draft_tokens=6,
+                      tp_size=2, mem_fraction=0.8, dtype="bfloat16", host="0.0.0.0", port=31000,
+                      extra_args=["--context-length", "4096"])
+    argv = plan(cfg).argv
+    i = argv.index
+    assert argv[i("--speculative-num-steps") + 1] == "5" and argv[i("--speculative-num-draft-tokens") + 1] == "6"
+    assert argv[i("--tp-size") + 1] == "2" and argv[i("--mem-fraction-static") + 1] == "0.8"
+    assert argv[i("--dtype") + 1] == "bfloat16" and argv[i("--host") + 1] == "0.0.0.0"
+    assert argv[i("--port") + 1] == "31000" and argv[-2:] == ["--context-length", "4096"]
+    tree = plan(ServeConfig(target="T", draft=str(export_dir), num_steps=3, topk=4, num_draft_tokens=8)).argv
+    assert tree[tree.index("--speculative-eagle-topk") + 1] == "4"
+
+
+def test_vllm_argv(export_dir):
+    cfg = ServeConfig(target="T", draft=str(export_dir), engine="vllm", num_steps=4, tp_size=2,
+                      mem_fraction=0.9, dtype="auto", extra_args=["--max-model-len", "8192"])
+    argv = plan(cfg).argv
+    assert argv[:3] == ["vllm", "serve", "T"]
+    spec = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert spec == {"method": "eagle3", "model": str(export_dir.resolve()), "num_speculative_tokens": 4}
+    assert argv[argv.index("--port") + 1] == "8000" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.9"
+    assert argv[-2:] == ["--max-model-len", "8192"]
+    base = build_argv(cfg, None, with_draft=False)
+    assert "--speculative-config" not in base and base[:3] == ["vllm", "serve", "T"]
+
+
+def test_hub_id_passes_through():
+    p = plan(ServeConfig(target="T", draft="lmsys/sglang-EAGLE3-LLaMA3.1-Instruct-8B"))
+    assert p.draft.kind == "hub"
+    assert "lmsys/sglang-EAGLE3-LLaMA3.1-Instruct-8B" in p.argv
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"num_draft_tokens": 5}, "must be --num-steps \\+ 1"),
+    ({"topk": 0}, "--topk"),
+    ({"engine": "vllm", "topk": 2, "num_draft_tokens": 7}, "chain"),
+    ({"engine": "trt"}, "--engine"),
+    ({"mem_fraction": 1.5}, "mem-fraction"),
+    ({"port": 70000}, "TCP port"),
+    ({"num_steps": 0}, "num-steps"),
+])
+def test_bad_options_refused(kw, msg, export_dir):
+    with pytest.raises(UsageError, match=msg):
+        plan(ServeConfig(target="T", draft=str(export_dir), **kw))
+
+
+def test_refused_drafts(export_dir, tmp_path):
+    with pytest.raises(InputDataError):
+        plan(ServeConfig(target="T", draft=str(tmp_path / "missing")))
+    # a P-EAGLE head: refused, pointing at vLLM's parallel drafting
+    pe = tmp_path / "peagle"
+    pe.mkdir()
+    cfg = json.loads((export_dir / "config.json").read_text())
+    (pe / "config.json").write_text(json.dumps({**cfg, "parallel_drafting": True}))
+    (pe / "model.safetensors").symlink_to(export_dir / "model.safetensors")
+    with pytest.raises(UsageError, match="P-EAGLE") as e:
+        plan(ServeConfig(target="T", draft=str(pe)))
+    assert "parallel_drafting" in str(e.value)
+    # a folder that would serve random weights (inherited layer count): refused with the fix
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 32}))
+    (bad / "model.safetensors").symlink_to(export_dir / "model.safetensors")
+    with pytest.raises(UsageError, match="num_hidden_layers") as e:
+        plan(ServeConfig(target="T", draft=str(bad)))
+    assert "--check" in str(e.value)
+
+
+def test_speculators_folder_only_for_vllm(tiny_target, tmp_path):
+    from test_export_format import make_run
+
+    from core.export import ExportConfig, export_draft
+
+    make_run(tiny_target, tmp_path / "run")
+    export_draft(ExportConfig(source=str(tmp_path / "run"), output_dir=str(tmp_path / "spec"),
+                              format="speculators"))
+    with pytest.raises(UsageError, match="speculators format"):
+        plan(ServeConfig(target="T", draft=str(tmp_path / "spec")))
+    p = plan(ServeConfig(target="T", draft=str(tmp_path / "spec"), engine="vllm"))
+    assert p.draft.kind == "speculators"
+
+
+def test_run_print_only_writes_nothing(tiny_target, tmp_path, capsys):
+    from test_export_format import make_run
+
+    from eagle_tui.cli import main
+
+    make_run(tiny_target, tmp_path / "run")
+    before = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    assert main(["serve", "--target", str(tiny_target), "--draft", str(tmp_path / "run"),
+                 "--print-only"]) == 0
+    out = capsys.readouterr().out
+    assert "export needed" in out and str(tmp_path / "run" / "export" / "step-7") in out
+    assert "--speculative-algorithm EAGLE3" in out
+    assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_missing_engine_exit_2(export_dir, tiny_target, tmp_path, capsys, monkeypatch):
+    from eagle_tui.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `vllm` executable anywhere
+    for engine in ("sglang", "vllm"):
+        with pytest.raises(MissingDependencyError) as e:
+            require_engine(engine)
+        assert "pip install" in str(e.value)
+    from test_export_format import make_run
+
+    make_run(tiny_target, tmp_path / "run")
+    rc = main(["serve", "--target", str(tiny_target), "--draft", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sglang is not installed" in err and "pip install" in err
+    # the run is not exported when the engine is missing (checked before writing anything)
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_bench_refuses_without_gpu(export_dir, tiny_target, capsys):
+    import torch
+
+    from eagle_tui.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --bench would start real servers")
+    rc = main(["serve", "--target", str(tiny_target), "--draft", str(export_dir), "--bench"])
+    assert rc == 2 and "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_vllm_metrics_parser():
+    from core.serve_bench import parse_vllm_spec_counters
+
+    page = ("# HELP vllm:spec_decode_num_drafts_total n\n"
+            'vllm:spec_decode_num_drafts_total{model_name="T"} 40.0\n'
+            'vllm:spec_decode_num_accepted_tokens_total{model_name="T"} 70.0\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 30.0\n')
+    assert parse_vllm_spec_counters(page) == (40.0, 70.0)
