@@ -119,6 +119,8 @@ def check_folder(path: str | os.PathLike) -> CheckReport:
         if all(isinstance(cfg.get(f), int) for f in ("vocab_size",)):
             report.problems += check_vocab_maps(cfg, small.get("d2t"), small.get("t2d"))
         report.problems += check_meta(cfg, meta)
+    report.problems += [Problem("export_note", "warning", str(w)) for w in meta.get("warnings", [])
+                        if "speculators format" not in str(w)]
     report.info.update({k: cfg.get(k) for k in ("vocab_size", "draft_vocab_size", "hidden_size",
                                                  "num_hidden_layers", "rope_theta") if k in cfg})
     if meta:

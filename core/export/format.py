@@ -6,11 +6,11 @@
     eagle_export.json  what produced it, target, aux layers (ours and each engine's), chat template hash
     manifest.json      kind "export" with the weights' checksum (design.md rule 3)
 
-embed_tokens is a frozen copy of the target's embeddings. Both engines replace it with the target's
-own table when the shapes match, so it is redundant there; we still include it by default so the
-folder is self-contained (our eval, third-party tools) and because SGLang does NOT share the
-target's table when the draft's hidden size differs from the target's (then it is required).
-`include_embed=False` drops it when that is safe.
+embed_tokens is an exact copy of the target's frozen embedding table, so it makes no difference
+whether an engine uses it or shares the target's own (SGLang's EAGLE-3 worker shares the target's,
+except when the draft's hidden size differs from the target's: then the draft's own is required;
+vLLM shares it when the draft ships none). We include it by default so the folder is
+self-contained (our eval, third-party tools); `include_embed=False` drops it when that is safe.
 
 Aux layers. Our convention (core.features): 0-based *layer outputs* O = [o1, o2, o3], default
 [1, N//2-1, N-4]. Both engines capture "the residual entering layer i" and default to
