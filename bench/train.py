@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/train.py [--samples 24] [--seq 512] [--ttt 3] [--random]
 
-Ours: documents packed into rows of --seq tokens (no attention across documents), target
+Ours: the step's documents packed into one row as core.train does (no attention across them), target
 distributions over the draft vocab only, logits only for supervised rows, the fused CPU attention
 path (core.model.ttt.ttt_forward_loss). Plain: what the anchors' training step does, written out
 below: each document padded to the longest in the batch, full-vocabulary target logits restricted
 to the draft vocab inside every TTT step, logits for every position, the explicit full mask over
 the concatenated keys of all steps. Both take an AdamW step on the same draft weights. Both see the
-same documents per step and must give the same loss (asserted). Each implementation runs in its
-own subprocess so its peak RSS is its own.
+same documents per step and must give the same loss (asserted). Tokens/s: both in this process,
+step by step in alternating order, so a change of machine load hits both alike. Peak RSS: each
+implementation again in its own subprocess (VmHWM, reset just before its training steps, with
+only the documents those steps use loaded).
 
 Features: real SmolLM2-135M-Instruct features of demo ShareGPT conversations (core.assets,
 core.features) when available, else random tensors of the same shapes (--random, or as a fallback;
@@ -22,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -227,57 +228,97 @@ def groups_of(docs: list, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, len(docs)))) for i in range(0, len(docs), size)]
 
 
-# ---- worker: one implementation, its own process ----------------------------------------------
-def worker(args) -> None:
+# ---- timing (interleaved, one process) and memory (one subprocess per implementation) --------
+class Trainer:
+    """One implementation's training step (forward, backward, clip, AdamW) on its own draft copy."""
+
+    def __init__(self, impl: str, feats: dict, args):
+        self.impl, self.feats, self.args = impl, feats, args
+        self.draft = new_draft(feats, args.draft_vocab)
+        self.opt = torch.optim.AdamW([p for p in self.draft.parameters() if p.requires_grad], lr=1e-4,
+                                     betas=(0.9, 0.95), weight_decay=0.0)
+
+    def inputs(self, members: list[dict]):
+        if self.impl == "plain":  # the anchors hold full-vocab target logits per position
+            return [dict(d, target_logits=full_logits(self.feats, d)) for d in members]
+        # like core.train: the step's documents packed into one row, no padding
+        return pack_docs(members, self.args.seq * self.args.docs_per_step)
+
+    def step(self, inputs) -> float:
+        if self.impl == "plain":
+            loss, _, _ = baseline_ttt_loss(self.draft, inputs, self.feats["t2d"], self.args.ttt)
+        else:
+            loss = ttt_forward_loss(self.draft, inputs, ttt_length=self.args.ttt).loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 0.5)
+        self.opt.step()
+        return float(loss.detach())
+
+
+def _vm(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_worker(args) -> None:
+    """Peak RSS (VmHWM) of this process while it trains --mem-steps steps."""
     torch.set_num_threads(args.threads)
     feats = torch.load(args.features, weights_only=True)
-    docs = feats["docs"]
-    draft = new_draft(feats, args.draft_vocab)
-    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4,
-                            betas=(0.9, 0.95), weight_decay=0.0)
-    losses, elapsed, tokens = [], 0.0, 0
-    plan = groups_of(docs, args.docs_per_step)
-    for rep in range(args.repeat + 1):  # rep 0 warms up (allocator, thread pools); not timed
-        for group in plan:
-            members = [docs[i] for i in group]
-            if args.impl == "plain":
-                inputs = [dict(d, target_logits=full_logits(feats, d)) for d in members]
-            else:
-                inputs = pack_docs(members, args.seq)
-            t0 = time.perf_counter()
-            if args.impl == "plain":
-                loss, _, _ = baseline_ttt_loss(draft, inputs, feats["t2d"], args.ttt)
-            else:
-                loss = ttt_forward_loss(draft, inputs, ttt_length=args.ttt, attention_backend="auto").loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(draft.parameters(), 0.5)
-            opt.step()
-            dt = time.perf_counter() - t0
-            del inputs
-            if rep == 0:
-                losses.append(float(loss.detach()))
-            else:
-                elapsed += dt
-                tokens += sum(int(d["input_ids"].numel()) for d in members)
-        if rep == 0:
-            draft = new_draft(feats, args.draft_vocab)  # timed reps start from the same weights
-            opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4,
-                                    betas=(0.9, 0.95), weight_decay=0.0)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"impl": args.impl, "tokens_per_s": tokens / elapsed, "peak_rss_mb": peak_mb,
-                      "losses": losses, "seconds": elapsed, "tokens": tokens}))
+    plan = groups_of(feats["docs"], args.docs_per_step)[:args.mem_steps]
+    keep = sorted({i for g in plan for i in g})
+    feats["docs"] = {i: feats["docs"][i] for i in keep}  # only the data this run touches
+    import gc
+
+    gc.collect()
+    trainer = Trainer(args.worker, feats, args)
+    before = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak counter (VmHWM) here
+    for group in plan:
+        inputs = trainer.inputs([feats["docs"][i] for i in group])
+        trainer.step(inputs)
+        del inputs
+    print(json.dumps({"impl": args.worker, "peak_rss_mb": _vm("VmHWM"), "rss_before_mb": before}))
 
 
-def run_worker(impl: str, args, features: Path) -> dict:
+def run_memory_worker(impl: str, args, features: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--features", str(features),
            "--seq", str(args.seq), "--ttt", str(args.ttt), "--draft-vocab", str(args.draft_vocab),
-           "--docs-per-step", str(args.docs_per_step), "--repeat", str(args.repeat),
+           "--docs-per-step", str(args.docs_per_step), "--mem-steps", str(args.mem_steps),
            "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{impl} worker failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{impl} memory worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_interleaved(feats: dict, args) -> dict:
+    """Both implementations, step by step in alternating order (load drift hits both alike)."""
+    torch.set_num_threads(args.threads)
+    trainers = {impl: Trainer(impl, feats, args) for impl in ("plain", "ours")}
+    seconds = {impl: 0.0 for impl in trainers}
+    losses: dict[str, list[float]] = {impl: [] for impl in trainers}
+    tokens = 0
+    plan = groups_of(feats["docs"], args.docs_per_step)
+    warm = [feats["docs"][i] for i in plan[0]]
+    for impl, tr in trainers.items():  # warm-up step each, then both restart from the same weights
+        tr.step(tr.inputs(warm))
+        trainers[impl] = Trainer(impl, feats, args)
+    for n, group in enumerate(plan * args.repeat):
+        members = [feats["docs"][i] for i in group]
+        order = ("plain", "ours") if n % 2 == 0 else ("ours", "plain")
+        for impl in order:
+            tr = trainers[impl]
+            inputs = tr.inputs(members)
+            t0 = time.perf_counter()
+            losses[impl].append(tr.step(inputs))
+            seconds[impl] += time.perf_counter() - t0
+            del inputs
+        tokens += sum(int(d["input_ids"].numel()) for d in members)
+    return {impl: {"tokens_per_s": tokens / seconds[impl], "seconds": seconds[impl], "tokens": tokens,
+                   "losses": losses[impl]} for impl in trainers}
 
 
 def main() -> None:
@@ -288,14 +329,14 @@ def main() -> None:
     p.add_argument("--draft-vocab", type=int, default=8192)
     p.add_argument("--docs-per-step", type=int, default=4)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--mem-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--random", action="store_true")
     p.add_argument("--worker", choices=["ours", "plain"])
     p.add_argument("--features")
     args = p.parse_args()
     if args.worker:
-        args.impl = args.worker
-        return worker(args)
+        return memory_worker(args)
 
     cache = REPO / ".cache" / "eagle" / "bench"
     cache.mkdir(parents=True, exist_ok=True)
@@ -319,28 +360,31 @@ def main() -> None:
     # equal loss and gradients on the first step, in-process
     group = [docs[i] for i in groups_of(docs, args.docs_per_step)[0]]
     a, b = new_draft(feats, args.draft_vocab), new_draft(feats, args.draft_vocab)
-    ours = ttt_forward_loss(a, pack_docs(group, args.seq), ttt_length=args.ttt)
+    ours = ttt_forward_loss(a, pack_docs(group, args.seq * args.docs_per_step), ttt_length=args.ttt)
     plain, plain_steps, plain_acc = baseline_ttt_loss(
         b, [dict(d, target_logits=full_logits(feats, d)) for d in group], feats["t2d"], args.ttt)
     ours.loss.backward()
     plain.backward()
     torch.testing.assert_close(ours.loss.detach(), plain.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a.fc.weight.grad, b.fc.weight.grad, rtol=1e-3, atol=1e-6)
-    print(f"equal loss: ours {float(ours.loss):.6f} plain {float(plain):.6f}; per-step acc "
+    print(f"equal loss: ours {float(ours.loss.detach()):.6f} plain {float(plain.detach()):.6f}; per-step acc "
           f"{[round(x, 4) for x in ours.per_step_acc]} vs {[round(x, 4) for x in plain_acc]}")
     del a, b, ours, plain
 
-    results = {impl: run_worker(impl, args, features) for impl in ("plain", "ours")}
+    timing = time_interleaved(feats, args)
+    memory = {impl: run_memory_worker(impl, args, features) for impl in ("plain", "ours")}
     for impl in ("plain", "ours"):
-        r = results[impl]
-        print(f"{impl:>5}: {r['tokens_per_s']:8.1f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-              f"({r['tokens']} tokens in {r['seconds']:.1f} s)")
-    for x, y in zip(results["plain"]["losses"], results["ours"]["losses"]):
+        t, m = timing[impl], memory[impl]
+        print(f"{impl:>5}: {t['tokens_per_s']:8.1f} tokens/s ({t['tokens']} tokens in {t['seconds']:.1f} s)  "
+              f"peak RSS {m['peak_rss_mb']:6.0f} MB during {args.mem_steps} steps "
+              f"(RSS before them {m['rss_before_mb']:.0f} MB)")
+    for x, y in zip(timing["plain"]["losses"], timing["ours"]["losses"]):
         assert abs(x - y) <= 1e-3 * max(1.0, abs(x)), (x, y)
-    speed = results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]
-    mem = results["ours"]["peak_rss_mb"] / results["plain"]["peak_rss_mb"]
+    speed = timing["ours"]["tokens_per_s"] / timing["plain"]["tokens_per_s"]
+    mem = memory["ours"]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"]
     print(f"ratio: {speed:.2f}x tokens/s, {mem:.2f}x peak RSS (goal >= 1.5x at <= 1.0x); "
-          f"losses equal over {len(results['ours']['losses'])} training steps")
+          f"losses equal over {len(timing['ours']['losses'])} training steps "
+          f"(first {timing['ours']['losses'][0]:.4f}, last {timing['ours']['losses'][-1]:.4f})")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ B, NH, NKV, T, HD = 2, 4, 2, 23, 8
 DOC = torch.tensor([[0] * 7 + [1] * 9 + [2] * 4 + [-1] * 3, [0] * T])
 
 
-def run_backend(backend, doc, steps, seed=0, grad=True):
+def run_backend(backend, doc, steps, seed=0, grad=True, **kw):
     g = torch.Generator().manual_seed(seed)
     qs = [torch.randn(B, NH, T, HD, generator=g, requires_grad=grad) for _ in range(steps)]
     ks = [torch.randn(B, NKV, T, HD, generator=g, requires_grad=grad) for _ in range(steps)]
     vs = [torch.randn(B, NKV, T, HD, generator=g, requires_grad=grad) for _ in range(steps)]
-    attn = TTTAttention(doc, NH, NKV, HD, backend)
+    attn = TTTAttention(doc, NH, NKV, HD, backend, **kw)
     outs = [attn.attend(s)(0, qs[s], ks[s], vs[s]) for s in range(steps)]
     if not grad:
         return outs, None
@@ -39,6 +39,28 @@ def test_backends_equal_naive_outputs_and_grads(backend, doc):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
+MANY = torch.tensor([[0] * 3 + [1] * 5 + [2] * 2 + [3] * 6 + [4] * 4 + [5] * 3,
+                     [6] * 5 + [7] * 4 + [8] * 6 + [9] * 3 + [10] * 5])
+
+
+@pytest.mark.parametrize("doc", [DOC, MANY], ids=["packed", "many-short-docs"])
+@pytest.mark.parametrize("regroup", [True, False])
+def test_sdpa_document_regrouping_equals_naive(doc, regroup):
+    ref_out, ref_grads = run_backend("naive", doc, steps=3)
+    out, grads = run_backend("sdpa", doc, steps=3, regroup=regroup)
+    for a, r in zip(list(out) + list(grads), list(ref_out) + list(ref_grads)):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
+def test_regrouping_chosen_when_it_cuts_work():
+    assert TTTAttention(MANY, NH, NKV, HD, "sdpa").layout is not None  # 11 docs, longest 6
+    assert TTTAttention(DOC, NH, NKV, HD, "sdpa").layout is None  # a 23-token document dominates
+    lay = TTTAttention(MANY, NH, NKV, HD, "sdpa").layout
+    x = torch.randn(B, 3, T, 5)
+    assert torch.equal(lay.back(lay.to(x)), x)
+    assert (lay.num_docs, lay.max_len) == (11, 6)
 
 
 def test_sdpa_uses_plain_causal_only_for_single_document_rows():

@@ -223,3 +223,17 @@ def test_bad_batches_are_refused():
     out.loss.backward()
     assert float(out.loss.detach()) == 0.0 and out.per_step_acc == [0.0, 0.0]
     assert all(p.grad is not None for p in d.parameters() if p.requires_grad)
+
+
+def test_soft_cross_entropy_matches_autograd_reference():
+    from core.model.ttt import soft_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 19, generator=g, requires_grad=True)
+    p = torch.softmax(torch.randn(7, 19, generator=g), -1) * 0.9  # rows need not sum to exactly 1
+    ours = soft_cross_entropy_sum(z, p)
+    ref = -(p * torch.log_softmax(z, -1)).sum()
+    torch.testing.assert_close(ours, ref)
+    (gz,) = torch.autograd.grad(ours * 1.7, z)
+    (rz,) = torch.autograd.grad(ref * 1.7, z)
+    torch.testing.assert_close(gz, rz)

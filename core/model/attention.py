@@ -108,6 +108,46 @@ class _CausalPlusDiagonal(torch.autograd.Function):
         return dq, dk0, dv0, dkd, dvd, None, None, None
 
 
+class DocLayout:
+    """Regroup packed positions [B, *, T, d] into one document per row [D, *, Lmax, d] and back.
+
+    Causal attention of a row that starts a document at 0 and pads after it is exact for every real
+    position, so in this layout the fused kernel needs no mask and never computes across documents:
+    cost D * Lmax^2 instead of B * T^2. Slots past a document's end hold copies of position 0;
+    real queries never see them (they come later) and `back` never reads them.
+    """
+
+    def __init__(self, starts: torch.Tensor):
+        b, t = starts.shape
+        flat = starts.reshape(-1)
+        doc = flat.long().cumsum(0) - 1  # document index of every flat position
+        pos = torch.arange(b * t, device=starts.device)
+        first = pos[flat]  # flat start of each document
+        lengths = torch.diff(torch.cat((first, first.new_tensor([b * t]))))
+        self.num_docs, self.max_len = int(first.numel()), int(lengths.max())
+        slot = doc * self.max_len + (pos - first[doc])
+        self.gather = torch.zeros(self.num_docs * self.max_len, dtype=torch.long, device=starts.device)
+        self.gather[slot] = pos
+        self.scatter = slot
+        self.b, self.t = b, t
+
+    @classmethod
+    def maybe(cls, starts: torch.Tensor) -> "DocLayout | None":
+        lay = cls(starts)
+        # worth it when it clearly cuts the causal work (many or short documents)
+        return lay if lay.num_docs * lay.max_len ** 2 < 0.75 * lay.b * lay.t ** 2 else None
+
+    def to(self, x: torch.Tensor) -> torch.Tensor:
+        h, d = x.shape[1], x.shape[-1]
+        rows = x.transpose(1, 2).reshape(self.b * self.t, h, d)[self.gather]
+        return rows.view(self.num_docs, self.max_len, h, d).transpose(1, 2)
+
+    def back(self, y: torch.Tensor) -> torch.Tensor:
+        h, d = y.shape[1], y.shape[-1]
+        rows = y.transpose(1, 2).reshape(self.num_docs * self.max_len, h, d)[self.scatter]
+        return rows.view(self.b, self.t, h, d).transpose(1, 2)
+
+
 _compiled_flex: Callable | None = None
 
 
@@ -128,7 +168,8 @@ class TTTAttention:
     """
 
     def __init__(self, doc_ids: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                 backend: str = "auto", single_doc_rows: bool | None = None):
+                 backend: str = "auto", single_doc_rows: bool | None = None, regroup: bool | None = None):
+        """regroup: use DocLayout on the fused path (None: when it cuts the causal work)."""
         self.doc_ids = doc_ids = attach_trailing_padding(doc_ids)
         self.groups = num_heads // num_kv_heads
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -137,14 +178,16 @@ class TTTAttention:
         self.values: dict[int, list[torch.Tensor]] = {}
         b, t = doc_ids.shape
         self.T = t
-        # Rows holding one document from position 0 (then padding) need no mask: plain causal is
-        # exact for every real position (padding comes after and is never a key of a real query).
+        # Rows holding one document from position 0 need no mask (padding after it was attached
+        # to it above). Otherwise the fused path may regroup positions one document per row.
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
         if single_doc_rows is None:
-            starts = torch.ones_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            real_starts = (starts & (doc_ids >= 0)).sum(1)
-            single_doc_rows = bool(((real_starts <= 1) & (doc_ids[:, 0] >= 0)).all())
+            single_doc_rows = bool((starts.sum(1) == 1).all() and (doc_ids[:, 0] >= 0).all())
         self.plain_causal = single_doc_rows
+        self.layout = None
+        if self.backend == "sdpa" and not single_doc_rows and regroup is not False:
+            self.layout = DocLayout(starts) if regroup else DocLayout.maybe(starts)
         self._bool_mask: torch.Tensor | None = None
         self._float_mask: torch.Tensor | None = None
         self._block_masks: dict[int, object] = {}
@@ -178,8 +221,9 @@ class TTTAttention:
 
             mask_mod = or_masks(and_masks(causal, same_doc), diagonal)
             b = doc.shape[0]
-            self._block_masks[num_steps] = create_block_mask(mask_mod, b, None, t, t * num_steps,
-                                                             device=doc.device)
+            self._block_masks[num_steps] = create_block_mask(
+                mask_mod, b, None, t, t * num_steps, device=doc.device,
+                _compile=doc.device.type == "cuda")  # compiled mask building avoids [T, T*k] tensors
         return self._block_masks[num_steps]
 
     # ---- attention ------------------------------------------------------------------------------
@@ -216,14 +260,21 @@ class TTTAttention:
         return out
 
     def _sdpa(self, q, ks, vs):
+        lay = self.layout
+        if lay is not None:  # one document per row, causal without a mask, then back
+            return lay.back(self._fused(lay.to(q), [lay.to(k) for k in ks], [lay.to(v) for v in vs], True))
+        return self._fused(q, ks, vs, self.plain_causal)
+
+    def _fused(self, q, ks, vs, plain_causal: bool):
         k0, v0 = repeat_kv(ks[0], self.groups), repeat_kv(vs[0], self.groups)
         kd = vd = None
         if len(ks) > 1:
             kd = torch.stack([repeat_kv(k, self.groups) for k in ks[1:]])
             vd = torch.stack([repeat_kv(v, self.groups) for v in vs[1:]])
-        mask = None if self.plain_causal else self.float_mask(q.dtype)
+        # is_causal stays on with a document mask too: the kernel then skips blocks above the diagonal
+        mask = None if plain_causal else self.float_mask(q.dtype)
         return _CausalPlusDiagonal.apply(q.contiguous(), k0.contiguous(), v0.contiguous(), kd, vd, mask,
-                                         self.plain_causal, self.scale)
+                                         True, self.scale)
 
     def _flex(self, q, ks, vs):
         k = torch.cat(ks, dim=2)

@@ -243,6 +243,11 @@ class Eagle3Draft(nn.Module):
         target's aux states, or a previous step's hidden_out), position_ids [B,T]. Appends the
         new keys/values to `kv_cache` when given. Returns (logits [B,T,Vd], hidden_out [B,T,H]);
         hidden_out is un-normed: the next step takes it as hidden_in.
+
+        Positions follow training: the prefix runs at the target's positions 0..p (index t pairs
+        aux of x<=t with the token x(t+1)); the draft token proposed from the last index p is fed
+        at position p+1 with hidden_out[:, -1:], the next at p+2, and so on. After verification,
+        `kv_cache.crop(p_accepted + 1)` drops the rejected positions.
         """
         groups = self.config.num_attention_heads // self.config.num_key_value_heads
 

@@ -126,11 +126,27 @@ def _shift(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     return torch.cat((x[:, n:], pad), dim=1)
 
 
+class _SoftCrossEntropySum(torch.autograd.Function):
+    """sum_rows( logsumexp(z) * sum(p) - p.z ), gradient (softmax(z) * sum(p) - p) computed in one
+    buffer: no log-softmax tensor is kept, only the logits and one log-sum-exp per row."""
+
+    @staticmethod
+    def forward(ctx, logits, probs):
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        mass = probs.sum(-1, keepdim=True)
+        ctx.save_for_backward(logits, probs, lse, mass)
+        return (lse * mass).sum() - (probs * logits).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, probs, lse, mass = ctx.saved_tensors
+        g = (logits - lse).exp_().mul_(mass).sub_(probs).mul_(grad)
+        return g, None
+
+
 def soft_cross_entropy_sum(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """sum over rows of -sum_v p_v log_softmax(z)_v, in float32."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    return (lse * probs.sum(-1) - (probs * logits).sum(-1)).sum()
+    """sum over rows of -sum_v p_v log_softmax(z)_v, in float32 (probs treated as constants)."""
+    return _SoftCrossEntropySum.apply(logits.float(), probs.float().detach())
 
 
 def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8,
