@@ -90,7 +90,9 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, 
             if name.startswith(prefix):
                 st[name[len(prefix):]] = t
         state[k] = st
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (AdamW betas) into lists
+    groups = [{n: tuple(v) if n == "betas" else v for n, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 # ---- RNG states as JSON -----------------------------------------------------------------------
