@@ -17,6 +17,8 @@ from core.errors import InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, Progress, RateMeter, StageFinished, StageStarted
 
 STAGE = "eval"
+# top-2 logit margins below this (per dtype) are reported as likely numerical ties on a mismatch
+TIE_MARGIN = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
 @dataclass
@@ -180,6 +182,9 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
                 row["expected_token"] = ref.tokens[diff] if diff < len(ref.tokens) else None
                 row["got_token"] = spec.tokens[diff] if diff < len(spec.tokens) else None
                 row["reference_margin"] = ref.top2_margin[diff] if diff < len(ref.top2_margin) else None
+                # a near-tie of the target's top-2 logits flips under batched vs one-token numerics
+                tie = TIE_MARGIN.get(str(dtype).replace("torch.", ""), 1e-4)
+                row["numerical_tie"] = row["reference_margin"] is not None and row["reference_margin"] < tie
                 events(Log(stage=STAGE, level="error", message=f"prompt {index}: speculative output "
                            f"differs from the target's greedy output at token {diff}"))
             rows.append(row)

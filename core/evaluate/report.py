@@ -73,6 +73,7 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
         "measured_speedup": (spec_tps / base_tps) if spec_tps and base_tps else None,
         "lossless": not mismatches,
         "lossless_failures": len(mismatches),
+        "lossless_failures_numerical_ties": sum(1 for p in mismatches if p.get("numerical_tie")),
     }
 
 
@@ -98,5 +99,7 @@ def render_summary(report: dict[str, Any]) -> str:
         if not p["lossless"]:
             lines.append(f"  prompt {p['index']}: first difference at token {p['first_diff']} "
                          f"(target {p['expected_token']}, speculative {p['got_token']}, target top-2 "
-                         f"logit margin {f(p.get('reference_margin'), '{:.2e}')})")
+                         f"logit margin {f(p.get('reference_margin'), '{:.2e}')}"
+                         + (": a near-tie, likely batched-vs-single-token numerics)" if p.get("numerical_tie")
+                            else ")"))
     return "\n".join(lines)
