@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from core.errors import CorruptDataError, InputDataError
-from core.manifest import load_manifest, read_json, write_bytes_atomic, write_json_atomic
+from core.manifest import load_manifest, read_json, write_bytes_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -229,33 +229,6 @@ def load_checkpoint(step_dir: str | Path) -> Checkpoint:
                       state, cfg)
 
 
-def load_target_embeddings(target_dir: str | Path) -> torch.Tensor:
-    """Only the target's input embedding matrix, read by name from its safetensors file(s)."""
-    from safetensors import safe_open
-
-    d = Path(target_dir)
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index)["weight_map"]
-        names = list(weight_map)
-        files = {n: d / weight_map[n] for n in names}
-    elif (d / "model.safetensors").exists():
-        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-            names = list(f.keys())
-        files = {n: d / "model.safetensors" for n in names}
-    else:
-        raise InputDataError("no model.safetensors (or index) to read the embedding matrix from",
-                             path=str(d))
-    cands = [n for n in names if n.endswith("embed_tokens.weight")] or \
-        [n for n in names if n.endswith(("wte.weight", "word_embeddings.weight"))]
-    if not cands:
-        raise InputDataError("no embedding tensor (*embed_tokens.weight) in the target weights",
-                             path=str(d))
-    name = sorted(cands, key=len)[0]
-    with safe_open(str(files[name]), framework="pt") as f:
-        return f.get_tensor(name).float()
-
-
 @dataclass
 class DraftRunInfo:
     """What eval/export need besides the weights."""
@@ -322,7 +295,9 @@ def load_draft_from_run(path: str | Path, device: str | torch.device = "cpu",
         if emb_file is not None and emb_file.exists():
             weights[EMBED_KEY] = load_file(str(emb_file))[EMBED_KEY]
         elif target and Path(target).exists():
-            weights[EMBED_KEY] = load_target_embeddings(target)
+            from core.model.draft import _read_embeddings  # only the embedding tensor, by name
+
+            weights[EMBED_KEY] = _read_embeddings(Path(target)).float()
         else:
             raise InputDataError("the draft's embedding matrix is not next to this checkpoint and "
                                  "the target folder is unknown", path=str(step_dir))
@@ -368,7 +343,3 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
         if int(rec.get("step", 0)) <= step:
             keep.append(line)
     write_bytes_atomic(p, ("\n".join(keep) + "\n" if keep else "").encode())
-
-
-def save_run_info(run_dir: str | Path, info: dict[str, Any]) -> None:
-    write_json_atomic(Path(run_dir) / "run_info.json", info)
