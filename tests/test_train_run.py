@@ -214,3 +214,21 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tiny_target, data, t
     # the metrics history is the uninterrupted one too (no duplicated or missing steps)
     assert [comparable(r) for r in metric_lines(run)] == \
         [comparable(r) for r in metric_lines(tmp_path / "ref")]
+
+
+def test_resume_before_the_first_checkpoint_restarts_cleanly(tiny_target, data, tmp_path):
+    kw = dict(max_steps=3, save_every=3, val_fraction=0.2)
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_target, data, run, **kw))
+    first = draft_weights(run / "checkpoints" / "step-3")
+    lines = [comparable(r) for r in metric_lines(run)]
+    # as if killed before its first checkpoint: manifest, vocab and metrics exist, no checkpoint
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    (run / "latest").unlink()
+    res = train(tiny_cfg(tiny_target, data, run, resume=True, **kw))
+    assert res.resumed_from is None and res.steps == 3
+    again = draft_weights(run / "checkpoints" / "step-3")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert [comparable(r) for r in metric_lines(run)] == lines
