@@ -237,3 +237,42 @@ def test_soft_cross_entropy_matches_autograd_reference():
     (gz,) = torch.autograd.grad(ours * 1.7, z)
     (rz,) = torch.autograd.grad(ref * 1.7, z)
     torch.testing.assert_close(gz, rz)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_skipping_unsupervised_rows_changes_nothing(backend):
+    bench = load_bench()
+    docs, _ = make_docs([14, 9, 12, 7], seed=5)
+    batch = bench.pack_docs(docs, 48)
+    runs = {}
+    for skip in (False, True):
+        d = make_draft(num_layers=2)
+        out = ttt_forward_loss(d, batch, ttt_length=4, attention_backend=backend, skip_unsupervised=skip)
+        out.loss.backward()
+        runs[skip] = (out, grads(d))
+    (full, g_full), (skip, g_skip) = runs[False], runs[True]
+    torch.testing.assert_close(skip.loss, full.loss, atol=1e-5, rtol=1e-5)
+    assert skip.per_step_correct == full.per_step_correct and skip.per_step_count == full.per_step_count
+    for name in g_full:
+        torch.testing.assert_close(g_skip[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_skipping_runs_later_steps_on_fewer_rows():
+    n = 16
+    lm = torch.tensor([[0] * 10 + [1] * 6])
+    batch = {"input_ids": torch.randint(0, V, (1, n)), "aux_hidden": torch.randn(1, n, 3 * HT),
+             "target_probs": torch.softmax(torch.randn(1, n, VD), -1),
+             "position_mask": torch.ones(1, n, dtype=torch.bool), "loss_mask": lm,
+             "position_ids": torch.arange(n)[None]}
+    d = make_draft()
+    seen = []
+    real_run = d.run_layers
+
+    def spy(ids, hidden, pos, attend):
+        seen.append(ids.shape[1])
+        return real_run(ids, hidden, pos, attend)
+
+    d.run_layers = spy
+    ttt_forward_loss(d, batch, ttt_length=3)
+    # step 0: all 16; step 1: rows supervised at step 1 (t in 8..13) or 2 (t in 7..12); step 2: 7..12
+    assert seen == [16, 7, 6]

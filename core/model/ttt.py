@@ -144,14 +144,36 @@ class _SoftCrossEntropySum(torch.autograd.Function):
         return g, None
 
 
+def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """[1, h, N, d] values of flat rows -> [b, h, t, d], zeros elsewhere."""
+    h, d = x.shape[1], x.shape[3]
+    full = x.new_zeros(b * t, h, d).index_copy(0, rows, x[0].transpose(0, 1))
+    return full.view(b, t, h, d).transpose(1, 2)
+
+
+def _compact_attend(inner, rows: torch.Tensor, b: int, t: int):
+    """Run a [B, *, T, d] attention for compact rows: scatter in, attend, gather the rows back.
+    Rows not computed hold zeros; their outputs are dropped and they are keys only of themselves."""
+    def fn(layer, q, k, v):
+        out = inner(layer, _scatter_rows(q, rows, b, t), _scatter_rows(k, rows, b, t),
+                    _scatter_rows(v, rows, b, t))
+        h, d = out.shape[1], out.shape[3]
+        return out.transpose(1, 2).reshape(b * t, h, d)[rows].transpose(0, 1).unsqueeze(0)
+    return fn
+
+
 def soft_cross_entropy_sum(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """sum over rows of -sum_v p_v log_softmax(z)_v, in float32 (probs treated as constants)."""
     return _SoftCrossEntropySum.apply(logits.float(), probs.float().detach())
 
 
 def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8,
-                     attention_backend: str = "auto") -> TTTOutput:
-    """Unrolled TTT forward over a packed batch (contract and alignment in the module docstring)."""
+                     attention_backend: str = "auto", skip_unsupervised: bool = True) -> TTTOutput:
+    """Unrolled TTT forward over a packed batch (contract and alignment in the module docstring).
+
+    skip_unsupervised: at steps >= 1 run the layer only on rows that this or a later step
+    supervises (exact: the other rows influence nothing that is scored).
+    """
     if ttt_length < 1:
         raise UsageError(f"ttt_length must be >= 1, got {ttt_length}")
     if not 0.0 < decay <= 1.0:
@@ -172,34 +194,61 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
 
     backend = resolve_backend(attention_backend, device)
     attn = TTTAttention(doc, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, backend)
-    hidden = draft.project_aux(batch["aux_hidden"].to(device))
     flat_index = torch.arange(b * t, device=device).view(b, t)
 
+    # Masks of every step up front. Step k >= 1 computes only the rows that step k or a later step
+    # supervises: its other rows feed nothing (their keys are seen only by themselves, diagonally).
+    valid, scored, supervised = [], [], []
+    for k in range(ttt_length):
+        n = 1 + k
+        valid.append(real & (_shift(doc, n, -2) == doc))  # x(t+1+k) exists in the same document
+        scored.append(valid[k] & _shift(loss_mask, n, False))
+        supervised.append(scored[k] & _shift(position_mask, n, False))
+    live, later = [], torch.zeros_like(real)
+    for k in reversed(range(ttt_length)):
+        later = later | supervised[k]
+        live.insert(0, later)
+    compact = skip_unsupervised and bool(live[min(1, ttt_length - 1)].sum() < 0.9 * b * t)
+
+    hidden = draft.project_aux(batch["aux_hidden"].to(device))
+    out_flat, rows_prev = None, None  # previous step's output and its rows (None: all rows)
     total = hidden.new_zeros((), dtype=torch.float32)
     losses, accs, loss_sums, counts, corrects, acc_totals = [], [], [], [], [], []
     for k in range(ttt_length):
         n = 1 + k
-        valid = real & (_shift(doc, n, -2) == doc)  # x(t+1+k) exists in the same document
-        ids = torch.where(valid, _shift(input_ids, n), torch.zeros_like(input_ids))
-        hidden = draft.run_layers(ids, hidden, position_ids + k, attn.attend(k))
+        ids = torch.where(valid[k], _shift(input_ids, n), torch.zeros_like(input_ids))
+        if k == 0 or not compact:
+            hidden = draft.run_layers(ids, hidden, position_ids + k, attn.attend(k))
+            out_flat, rows_k = hidden.reshape(b * t, -1), None
+        else:
+            rows_k = flat_index[live[k]]
+            if rows_k.numel():
+                prev = rows_k if rows_prev is None else torch.searchsorted(rows_prev, rows_k)
+                h_in = out_flat[prev][None]
+                pos = (position_ids + k).reshape(-1)[rows_k][None]
+                out = draft.run_layers(ids.reshape(-1)[rows_k][None], h_in, pos,
+                                       _compact_attend(attn.attend(k), rows_k, b, t))
+                out_flat = out[0]
+            else:
+                rows_k = rows_prev  # nothing left to supervise: keep the last output for the zero loss
+        rows_prev = rows_k
 
-        scored = valid & _shift(loss_mask, n, False)
-        supervised = scored & _shift(position_mask, n, False)
-        rows = flat_index[supervised]
-        count = int(rows.numel())
+        sup_rows = flat_index[supervised[k]]
+        count = int(sup_rows.numel())
         if count:
-            logits = draft.compute_logits(hidden.reshape(b * t, -1)[rows])  # [N, Vd]
-            target = probs_flat[rows + n]
+            local = sup_rows if rows_k is None else torch.searchsorted(rows_k, sup_rows)
+            logits = draft.compute_logits(out_flat[local])  # [N, Vd]
+            target = probs_flat[sup_rows + n]
             loss_sum = soft_cross_entropy_sum(logits, target)
             with torch.no_grad():
                 correct = int((logits.argmax(-1) == target.argmax(-1)).sum())
         else:
             # zero that still touches every parameter (DDP expects each one to get a gradient)
-            loss_sum = draft.compute_logits(hidden[:, :1]).float().sum() * 0.0
+            loss_sum = draft.compute_logits(out_flat[:1]).float().sum() * 0.0
             correct = 0
         step_loss = loss_sum / max(count, 1)
         total = total + (decay ** k) * step_loss
-        acc_total = int(scored.sum())
+        acc_total = int(scored[k].sum())
         losses.append(float(step_loss.detach()))
         loss_sums.append(float(loss_sum.detach()))
         counts.append(count)
