@@ -58,6 +58,7 @@ async def measure_speed(target: str, device: str, batch_tokens: int, seq_length:
 SIGINT_GRACE_S = 20.0  # eagle stops at a shard/step boundary on SIGINT and writes its manifest
 SIGTERM_GRACE_S = 5.0
 LOG_LINES = 2000
+PIPELINE = "pipeline"  # the stage name `eagle run` reports its own progress under
 
 
 @dataclass
@@ -121,11 +122,17 @@ class JobState:
     def failures(self) -> int:
         return sum(s.failures for s in self.stages.values())
 
-    def stage(self, name: str) -> StageView:
+    def stage(self, name: str, focus: bool = True) -> StageView:
         if name not in self.stages:
             self.stages[name] = StageView(name)
-        self.current = name
+        if focus:
+            self.current = name
         return self.stages[name]
+
+    @property
+    def pipeline(self) -> StageView | None:
+        """`eagle run`'s own stage: steps done of steps to do, and the final summary."""
+        return self.stages.get(PIPELINE)
 
     def add_log(self, line: str, style: str = "") -> None:
         self.log.append((style, line))
@@ -134,7 +141,11 @@ class JobState:
     def apply(self, e: ev.Event) -> None:
         if self.status == "starting":
             self.status = "running"
-        s = self.stage(e.stage)
+        # The dashboard follows the step being run; helper stages (data reading inside regen, the
+        # pipeline's own bookkeeping) update their view without stealing the focus.
+        focus = e.stage != PIPELINE and (isinstance(e, ev.StageStarted) or e.stage in self.steps
+                                         or self.current is None)
+        s = self.stage(e.stage, focus)
         if isinstance(e, ev.StageStarted):
             s.status, s.total, s.unit, s.settings = "running", e.total, e.unit, dict(e.settings)
             self.add_log(f"▶ {e.stage} started" + (f" ({e.total} {e.unit})" if e.total else ""), "bold cyan")
@@ -169,9 +180,15 @@ class JobState:
             if s.total is not None and s.done < s.total and s.unit != "steps":
                 s.done = s.total
             self.add_log(f"✔ {e.stage} finished", "bold green")
+            if e.stage != PIPELINE and e.summary:
+                self.add_log("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in e.summary.items()), "green")
         elif isinstance(e, ev.StageFailed):
             s.status, self.error = "failed", e.message
             self.add_log(f"✘ {e.stage} failed: {e.message}", "bold red")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class JobChanged(Message):

@@ -80,6 +80,9 @@ class DashboardScreen(Screen):
             return
         title = Text(f"{job.title}  ", style="bold")
         title.append(job.status, style=STATUS_STYLE.get(job.status, ""))
+        if job.pipeline is not None and job.pipeline.total:
+            title.append(f"  · step {min(job.pipeline.done + 1, job.pipeline.total)}/{job.pipeline.total}"
+                         if job.active else f"  · {job.pipeline.done}/{job.pipeline.total} steps done")
         if job.pgid:
             title.append(f"  · process group {job.pgid}", style="dim")
         if job.rc is not None:
@@ -96,10 +99,10 @@ class DashboardScreen(Screen):
         if train is not None and train.metrics:
             self.query_one(Curves).show(train.metrics)
         summary = Text()
-        for s in job.stages.values():
-            if s.summary:
-                summary.append(f"{s.name} summary\n", style="bold green")
-                summary.append_text(summary_text(s.summary))
+        done = job.pipeline if job.pipeline is not None and job.pipeline.summary else stage
+        if done is not None and done.summary and done.status == "finished":
+            summary.append("Summary\n" if done is job.pipeline else f"{done.name} summary\n", style="bold green")
+            summary.append_text(summary_text(done.summary, pipeline=done is job.pipeline))
         if job.error:
             summary.append(f"error: {job.error}\n", style="bold red")
         self.query_one("#job-summary", Static).update(summary)

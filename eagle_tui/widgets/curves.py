@@ -13,6 +13,13 @@ MAX_ROWS = 14
 _ACC = re.compile(r"^acc(?:uracy)?[_@-]?(?:step[_-]?)?(\d+)$")
 
 
+def plotted(name: str, split: str) -> bool:
+    """The curves that matter: loss, accuracy per TTT step and τ_sim (val: loss and τ_sim)."""
+    if name in ("loss", "tau_sim"):
+        return True
+    return split == "train" and _ACC.match(name) is not None
+
+
 def metric_order(name: str) -> tuple:
     """loss first, then acc per TTT step in order, then τ, then the rest alphabetically."""
     m = _ACC.match(name)
@@ -73,14 +80,14 @@ class Curves(Vertical):
         wanted = []
         for split in sorted(metrics, key=lambda s: (s != "train", s)):
             for name in sorted(metrics[split], key=metric_order):
-                if metrics[split][name]:
+                if metrics[split][name] and plotted(name, split):
                     wanted.append((f"{split}:{name}", metric_label(name, split), metrics[split][name]))
         wanted = wanted[:MAX_ROWS]
         rows = {r.key: r for r in self.query(CurveRow)}
-        new = [CurveRow(key, label) for key, label, _ in wanted if key not in rows]
-        if new:
-            self.query(".curves-empty").remove()
-            self.mount_all(new)
+        if any(key not in rows for key, _, _ in wanted):
+            # remount all rows so they stay in order (val metrics may arrive before train ones)
+            self.remove_children()
+            self.mount_all([CurveRow(key, label) for key, label, _ in wanted])
             # refresh once the new rows are mounted
             self.call_after_refresh(self.show, metrics)
             return

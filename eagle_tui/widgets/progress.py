@@ -38,10 +38,14 @@ class StageProgress(Static):
         t.add_column(width=width)
         t.add_column()
         total = s.total or 0
-        bar = RichBar(total=total or None, completed=s.done, width=width,
-                      pulse=not total and s.status == "running")
+        finished = s.status == "finished"
+        if not total and finished:  # a stage without a count (export): a full bar
+            bar = RichBar(total=1, completed=1, width=width)
+        else:
+            bar = RichBar(total=total or None, completed=s.done, width=width,
+                          pulse=not total and s.status == "running")
         state = {"finished": ("✔", "green"), "failed": ("✘", "red")}.get(s.status, ("", ""))
-        label = f"{s.done}/{total} {s.unit}" if total else f"{s.done} {s.unit}"
+        label = f"{s.done}/{total} {s.unit}" if total else ("done" if finished else "working…")
         t.add_row(Text(s.name, style="bold"), bar, Text(f"{label} {state[0]}", style=state[1]))
         info = [x for x in (_rate(s), f"ETA {fmt_time(s.eta_s)}" if s.eta_s is not None and s.status == "running"
                             else "", f"failures {s.failures}") if x]
@@ -57,7 +61,7 @@ class ShardBars(Static):
             self.update(train_info(s))
             return
         if s is None or (not s.shards and not s.shard_size):
-            self.update(Text("no shards yet", style="dim"))
+            self.update(Text("" if s is not None and s.status != "running" else "no shards yet", style="dim"))
             return
         size = s.shard_size
         total_shards = s.shards_total
@@ -93,10 +97,11 @@ class ShardBars(Static):
 def train_info(s: StageView) -> Text:
     out = Text("Training\n", style="bold")
     out.append(f"step {s.done}" + (f" of {s.total}" if s.total else "") + "\n")
-    for key, label in (("epoch", "epoch"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s")):
+    for key, label, fmt in (("epoch", "epoch", "{}"), ("loss", "loss", "{:.4g}"), ("lr", "learning rate", "{:.3g}"),
+                            ("tokens_per_s", "tokens/s", "{:,.0f}")):
         v = s.extra.get(key)
         if isinstance(v, (int, float)):
-            out.append(f"{label} {v:.3g}\n" if isinstance(v, float) else f"{label} {v}\n")
+            out.append(f"{label} {fmt.format(v)}\n")
     out.append("last checkpoint " + (s.last_checkpoint or "none yet") + "\n",
                style="green" if s.last_checkpoint else "dim")
     return out
@@ -115,9 +120,18 @@ def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
     return out
 
 
-def summary_text(summary: dict[str, Any]) -> Text:
+PIPELINE_KEYS = [("tau", "accept length τ (measured)"), ("tau_sim", "τ_sim (training)"),
+                 ("implied_speedup", "implied speedup"), ("lossless", "lossless"), ("export", "export"),
+                 ("sglang_command", "SGLang"), ("vllm_command", "vLLM"), ("seconds", "seconds")]
+
+
+def summary_text(summary: dict[str, Any], pipeline: bool = False) -> Text:
+    """A stage's final summary; `eagle run`'s own is shown as the headline numbers and commands."""
     out = Text()
-    for k, v in summary.items():
+    items = [(label, summary[k]) for k, label in PIPELINE_KEYS if summary.get(k) is not None] if pipeline \
+        else list(summary.items())
+    for k, v in items:
         out.append(f"{k}: ", style="bold")
-        out.append((f"{v:.4g}" if isinstance(v, float) else str(v)) + "\n")
+        style = "green" if k == "lossless" and v is True else "bold red" if k == "lossless" else ""
+        out.append((f"{v:.4g}" if isinstance(v, float) else str(v)) + "\n", style=style)
     return out
