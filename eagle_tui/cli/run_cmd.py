@@ -11,13 +11,17 @@ import typer
 from eagle_tui.cli import common
 
 
-def demo_config(quick: bool, workdir: str):
-    """The demo on the embedded defaults, sized for a 2-core CPU (about 15 min, --quick about 3)."""
+def demo_config(quick: bool, workdir: str, data_file: str):
+    """The demo on the embedded defaults, sized for a 2-core CPU (about 15 min, --quick about 3).
+
+    `data_file` holds short ShareGPT conversations: the first `dataset.limit` train the draft, the
+    ones after them are the held-out evaluation prompts.
+    """
     from core.runconfig import RunConfig
 
     cfg = RunConfig(workdir=workdir)
     cfg.target.device = "cpu"
-    cfg.dataset.source = "demo"
+    cfg.dataset.source = data_file
     cfg.dataset.shuffle_seed = None  # evaluation takes the prompts right after the training rows
     cfg.dataset.limit = 12 if quick else 48
     cfg.regen.launch = "transformers"
@@ -140,10 +144,15 @@ def register(app: typer.Typer) -> None:
         """
         from core.runconfig import RunConfig
 
+        from core.assets import write_demo_subset
+
         wd = Path(workdir).expanduser().resolve()
-        name = "demo-quick.yaml" if quick else "demo.yaml"
-        cfg = demo_config(quick, str(wd / ("quick" if quick else "full")))
-        wd.mkdir(parents=True, exist_ok=True)
+        kind = "quick" if quick else "full"
+        data_file = wd / f"demo-{kind}-conversations.jsonl"
+        cfg = demo_config(quick, str(wd / kind), str(data_file))
+        if not data_file.exists():
+            write_demo_subset(data_file, cfg.dataset.limit + cfg.eval.num_prompts)
+        name = f"demo-{kind}.yaml"
         cfg.save(wd / name)
         common.echo(f"demo config: {wd / name}")
         if write_only:
