@@ -48,6 +48,7 @@ class RegenConfig:
     dead_after: int = 3  # consecutive connection failures before a server is marked dead
     max_failure_rate: float = 0.05
     min_attempts_for_rate: int = 20  # the rate is judged mid-run only after this many samples
+    journal_sync_s: float = 0.5  # group-commit fsync interval of the resume journal (0: every sample)
     resume: bool = False
     retry_failed: bool = False  # on resume, send samples recorded as failed again
 
@@ -87,6 +88,7 @@ class RegenConfig:
         need(0.0 <= self.max_failure_rate <= 1.0, "max_failure_rate", "must be in [0, 1]")
         need(self.min_attempts_for_rate >= 1, "min_attempts_for_rate", "must be >= 1")
         need(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
+        need(self.journal_sync_s >= 0, "journal_sync_s", "must be >= 0 seconds")
         need(self.launch_ready_timeout > 0, "launch_ready_timeout", "must be > 0 seconds")
         need(not self.retry_failed or self.resume, "retry_failed", "only applies with --resume")
 

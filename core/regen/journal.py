@@ -1,7 +1,10 @@
 """Append-only resume journal: one JSON line per finished sample.
 
-Each line is written, flushed and fsynced as soon as its sample finishes, so a `kill -9` (or a
-power cut) loses only the requests still in flight. A kill in the middle of a write can leave a
+Each line is written and flushed to the OS as soon as its sample finishes, so a `kill -9` loses
+only the requests still in flight. fsync is immediate with `sync_every_s=0`, else grouped: the
+runner calls `sync()` off the event loop every `sync_every_s` (a per-line fsync blocked the loop
+for ~6 ms per sample on a busy disk). A power cut can then cost the last second of finished
+samples, which are simply sent again: shards are rebuilt from the journal, never trusted alone. A kill in the middle of a write can leave a
 torn last line: `load` drops it and truncates the file back to the last complete line before new
 lines are appended. A bad line anywhere else is real corruption and is reported by line number.
 The last entry for an index wins (a failed sample retried with --retry-failed).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,11 @@ DONE, FAILED, SKIPPED = "done", "failed", "skipped"
 
 
 class Journal:
-    def __init__(self, path: str | os.PathLike, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, sync_every_s: float = 0.0):
         self.path = Path(path)
-        self.fsync = fsync
+        self.sync_every_s = sync_every_s
+        self._dirty = False
+        self._sync_lock = threading.Lock()
         self.entries: dict[int, dict[str, Any]] = {}
         self.torn_bytes = 0  # size of a dropped torn tail, for the resume report
         self._f = None
@@ -71,16 +77,26 @@ class Journal:
         assert self._f is not None, "Journal.open() first"
         self._f.write((json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
         self._f.flush()
-        if self.fsync:
+        if self.sync_every_s <= 0:
             os.fsync(self._f.fileno())
+        else:
+            self._dirty = True
         self.entries[int(entry["index"])] = entry
 
+    def sync(self) -> None:
+        """fsync what was appended since the last sync (safe to call from another thread)."""
+        with self._sync_lock:
+            if self._f is not None and self._dirty:
+                self._dirty = False
+                os.fsync(self._f.fileno())
+
     def close(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
+        with self._sync_lock:
+            if self._f is not None:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                self._f = None
 
     def __enter__(self) -> "Journal":
         return self.open()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import FailureLimitError, OutputExistsError, SettingsMismatchError
+from core.errors import CorruptDataError, FailureLimitError, OutputExistsError, SettingsMismatchError
 from core.events import (EventSink, Log, NullSink, Progress, RateMeter, SampleFailed, ShardDone,
                          StageFinished, StageStarted)
 from core.manifest import diff_settings, load_manifest, prepare_output_dir, sha256_file
@@ -135,23 +135,38 @@ class _Run:
         self.out = Path(cfg.output_dir)
         self.bad_rows = [{"index": int(b.index), "kind": "bad_row", "reason": f"{b.reason}: {b.detail}",
                           "attempts": 0} for b in report.bad_rows]
-        self.journal = Journal(self.out / WORK_DIR / "journal.jsonl")
+        self.journal = Journal(self.out / WORK_DIR / "journal.jsonl", sync_every_s=cfg.journal_sync_s)
         self.n_shards = (len(convs) + cfg.shard_size - 1) // cfg.shard_size
         self.requested = self.tokens_now = 0
         self.seal_lock = asyncio.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _counts(self) -> dict[str, int]:
-        c = {DONE: 0, FAILED: 0, SKIPPED: 0}
-        for e in self.journal.entries.values():
-            c[e["status"]] += 1
-        return c
+        return dict(self.counts)
+
+    def _index_counters(self) -> None:
+        """Status counts and unfinished samples per shard, kept up to date by `_record`."""
+        self.pos_of = {c.index: p for p, c in enumerate(self.convs)}
+        self.counts = {DONE: 0, FAILED: 0, SKIPPED: 0}
+        self.remaining = [len(self._shard_positions(k)) for k in range(self.n_shards)]
+        for idx, e in self.journal.entries.items():
+            self.counts[e["status"]] += 1
+            self.remaining[self.pos_of[idx] // self.cfg.shard_size] -= 1
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        old = self.journal.entries.get(entry["index"])
+        self.journal.append(entry)
+        if old is not None:
+            self.counts[old["status"]] -= 1
+        else:
+            self.remaining[self.pos_of[entry["index"]] // self.cfg.shard_size] -= 1
+        self.counts[entry["status"]] += 1
 
     def _shard_positions(self, k: int) -> range:
         return range(k * self.cfg.shard_size, min(len(self.convs), (k + 1) * self.cfg.shard_size))
 
     def _shard_finished(self, k: int) -> bool:
-        return all(self.convs[p].index in self.journal.entries for p in self._shard_positions(k))
+        return self.remaining[k] == 0
 
     def _failure_records(self) -> list[dict[str, Any]]:
         recs = [{"index": e["index"], "kind": e["status"], "reason": e["reason"],
@@ -207,6 +222,12 @@ class _Run:
         for stray in self.out.glob(".*.tmp"):  # temp files of writes cut by a kill
             stray.unlink(missing_ok=True)
         self.journal.load()
+        unknown = set(self.journal.entries) - {c.index for c in self.convs}
+        if unknown:
+            raise CorruptDataError(f"{self.journal.path} records samples that are not in the input "
+                                   f"(e.g. index {min(unknown)})",
+                                   hint="the input changed since the first run; use a new output directory")
+        self._index_counters()
         if self.journal.torn_bytes:
             self.events(Log(stage=STAGE, level="warning", message=(
                 f"dropped a torn last journal line ({self.journal.torn_bytes} bytes); that sample "
@@ -227,8 +248,8 @@ class _Run:
             try:
                 slots = plan(conv.messages, cfg.turns)
             except Skip as s:
-                self.journal.append({"index": conv.index, "status": SKIPPED, "reason": s.reason,
-                                     "attempts": 0})
+                self._record({"index": conv.index, "status": SKIPPED, "reason": s.reason,
+                              "attempts": 0})
                 continue
             todo.append(p)
         already = len(self.convs) - len(todo)
@@ -257,6 +278,7 @@ class _Run:
             queue: asyncio.Queue[int] = asyncio.Queue()
             for p in todo:
                 queue.put_nowait(p)
+            syncer = asyncio.create_task(self._sync_journal())
             try:
                 async with client, asyncio.TaskGroup() as tg:
                     for _ in range(min(cfg.concurrency, len(todo))):
@@ -265,7 +287,16 @@ class _Run:
                 self._refresh_manifest()
                 write_failures(self.out, self._failure_records())
                 raise _first_meaningful(eg) from None
+            finally:
+                syncer.cancel()
         return self._finish(t0)
+
+    async def _sync_journal(self) -> None:
+        """Group commit: fsync the journal off the event loop every `journal_sync_s`. Each line is
+        already flushed to the OS when its sample finishes, which is what survives a kill -9."""
+        while self.cfg.journal_sync_s > 0:
+            await asyncio.sleep(self.cfg.journal_sync_s)
+            await asyncio.to_thread(self.journal.sync)
 
     async def _worker(self, queue: asyncio.Queue[int]) -> None:
         cfg = self.cfg
@@ -287,7 +318,7 @@ class _Run:
             except RequestFailed as f:
                 entry = {"index": conv.index, "status": FAILED, "reason": f.reason,
                          "attempts": f.attempts}
-            self.journal.append(entry)
+            self._record(entry)
             if entry["status"] == FAILED:
                 self.events(SampleFailed(stage=STAGE, index=conv.index, reason=entry["reason"]))
             self._progress()

@@ -43,7 +43,7 @@ def start(
     is not installed (with an install hint), 130 interrupted.
     """
     from core.errors import UsageError
-    from core.events import Log
+    from core.events import Log, StageStarted
     from core.target_server import BACKENDS, start_target_server
 
     if backend not in BACKENDS:
@@ -58,8 +58,12 @@ def start(
     sink = common.make_sink("target-server")
     with start_target_server(backend, model, host=host, port=port, extra_args=tuple(extra or ()),
                              ready_timeout=ready_timeout, device=device, log_path=log) as server:
+        if common.jsonl_mode():  # machine-readable: where the server is
+            sink(StageStarted(stage="target-server", total=None, unit="requests", settings={
+                "url": server.url, "model": server.model_name, "backend": backend,
+                "log": str(server.log_path), "pid": server.proc.pid if server.proc else None}))
         sink(Log(stage="target-server", message=f"ready: {server.url} (model {server.model_name!r}, "
-                                                 f"log {server.log_path})"))
+                                                 f"log {server.log_path}); Ctrl-C stops it"))
         if not common.jsonl_mode():
             print(f"url: {server.url}\nmodel: {server.model_name}", flush=True)
         try:
