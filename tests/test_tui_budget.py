@@ -145,3 +145,17 @@ async def test_storage_table_and_preview_feed_the_budget(tmp_path):
         assert "2 bad rows skipped" in preview and "row 1:" in preview and "row 3:" in preview
         assert app.known_rows[str(data)] == 5
         assert "5 samples (previewed)" in flat(w.query_one(BudgetPanel), 44)
+
+
+def test_gpu_probe_reads_nvidia_smi(tmp_path, monkeypatch):
+    """The probe parses nvidia-smi's CSV (a stand-in script: no GPU on this machine); no tool = no GPU."""
+    from eagle_tui.sysinfo import probe_gpus
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert probe_gpus() == []
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559, 80000'\necho 'NVIDIA H100 80GB HBM3, 81559, 1024'\n")
+    smi.chmod(0o755)
+    gpus = probe_gpus()
+    assert [g.name for g in gpus] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert gpus[0].total_bytes == 81559 << 20 and gpus[1].free_bytes == 1024 << 20

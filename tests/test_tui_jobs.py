@@ -77,6 +77,12 @@ async def test_cancel_stops_the_whole_process_group(tmp_path):
         grandchild = int(next(l for _, l in job.log if "grandchild" in l).split()[-1])
         assert job.active and group_alive(job.pgid)
         assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("escape")  # a second run while one is active is refused
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert list(app.jobs.jobs) == [1] and isinstance(app.screen, WizardScreen)
+        await pilot.press("ctrl+l")
+        await pilot.pause()
         # shard bars while it runs: shard 0 written, shard 1 half way (6 of 10 samples done)
         shards = plain(app.screen.query_one("#shards"))
         await pilot.press("c")
@@ -115,3 +121,26 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_quit_while_running_asks_then_stops_the_job(tmp_path):
+    from eagle_tui.screens.dialogs import ConfirmScreen
+
+    app = make_app(tmp_path, config_path=tmp_path / "run.yaml", mode="hang")
+    async with app.run_test(size=SIZE) as pilot:
+        app.screen.go(1)
+        await pilot.press("ctrl+r")
+        await wait_for(lambda: app.jobs.jobs and any("grandchild" in l for _, l in app.jobs.jobs[1].log),
+                       "job running")(pilot)
+        job = app.jobs.jobs[1]
+        await pilot.press("ctrl+q")
+        await wait_for(lambda: isinstance(app.screen, ConfirmScreen), "quit confirmation")(pilot)
+        assert "still running" in app.screen.question
+        await pilot.press("escape")  # no: keep working, the job keeps running
+        await pilot.pause()
+        assert job.active and app.is_running
+        await pilot.press("ctrl+q")
+        await wait_for(lambda: isinstance(app.screen, ConfirmScreen), "quit confirmation")(pilot)
+        await pilot.press("y")
+        await wait_for(lambda: not job.active, "job stopped")(pilot)
+    assert job.status == "cancelled" and not group_alive(job.pgid)

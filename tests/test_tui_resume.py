@@ -117,3 +117,19 @@ async def test_folder_without_manifest_cannot_be_resumed(tmp_path):
         assert isinstance(app.screen, ResumeScreen)
         await pilot.press("escape")
         assert (junk / "notes.txt").read_text() == "mine"
+
+
+def test_training_run_shows_its_checkpoints(tmp_path):
+    from eagle_tui.screens.dialogs import describe_work
+    from rich.console import Console
+
+    run = tmp_path / "run"
+    for step in (5, 10, 15):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    Manifest(kind="train", format_version=1, settings={"lr": 0.0001}).save(run)
+    w = find_existing_work("train", run)
+    console = Console(width=120, color_system=None)
+    with console.capture() as cap:
+        console.print(describe_work(w))
+    text = cap.get()
+    assert "step-5, step-10, step-15  (resumes from the newest)" in text and "shards done" not in text

@@ -237,3 +237,27 @@ async def test_help_lists_keys_and_closes(tmp_path):
         wizard(app).query_one("#next", Button).focus()
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
+
+
+def test_wizard_never_imports_torch_in_the_ui_process(tmp_path):
+    """Start-up stays fast and the UI stays responsive: heavy libraries live in the subprocesses."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from tui_support import make_app\n"
+        "async def main():\n"
+        f"    app = make_app(Path({str(tmp_path)!r}))\n"
+        "    async with app.run_test(size=(120, 40)) as pilot:\n"
+        "        for i in range(5):\n"
+        "            app.screen.go(i)\n"
+        "            await pilot.pause()\n"
+        "asyncio.run(main())\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'datasets', 'pyarrow'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -68,7 +68,12 @@ def describe_work(w: ExistingWork) -> Table:
         t.add_row("kind", f"{m.kind} (format {m.format_version})")
         t.add_row("state", Text("complete", style="green") if m.complete
                   else Text("unfinished: can be resumed", style="yellow"))
-        t.add_row("shards done", f"{len(m.shards)} ({samples} samples)")
+        if m.shards or not (w.path / "checkpoints").is_dir():
+            t.add_row("shards done", f"{len(m.shards)} ({samples} samples)")
+        ckpts = sorted((p.name for p in (w.path / "checkpoints").glob("step-*") if p.is_dir()),
+                       key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else -1)
+        if ckpts:  # a training run resumes from its newest checkpoint
+            t.add_row("checkpoints", ", ".join(ckpts[-4:]) + "  (resumes from the newest)")
         if m.created:
             t.add_row("started", time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created)))
         for k, v in list(m.extra.items())[:6]:

@@ -170,6 +170,11 @@ class WizardScreen(Screen):
         """Checks, then start: valid config → budget fits (or user agrees) → saved → resume prompt."""
         app = self.app
         cfg = app.config
+        busy = app.jobs.active()
+        if busy:  # two runs would write the same output folders
+            self.notify(f"{busy[0].title} is still running: wait for it or cancel it (ctrl+l, then c)",
+                        title="Cannot run yet", severity="warning")
+            return
         for p in self.panes:
             problems = p.problems(cfg)
             if problems:
