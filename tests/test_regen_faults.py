@@ -283,3 +283,23 @@ def test_resume_after_torn_journal_and_lost_shard(tmp_path, fault):
     assert rows == first_rows and fails == []
     assert not list(out.glob(".*.tmp"))
     assert any("torn" in getattr(e, "message", "") for e in sink.events)
+
+
+def test_retry_failed_on_resume_sends_only_the_failed_samples_again(tmp_path, fault):
+    specs = [f"q{i}" for i in range(12)]
+    specs[2], specs[3], specs[9] = "q2 fault=500x3", "q3 fault=500x2", "q9 fault=400"
+    inp = write_conversations(tmp_path / "in.jsonl", specs)
+    cfg = make_cfg(tmp_path, inp, [fault.url], max_retries=1, max_failure_rate=0.5)
+    regenerate(cfg)
+    _, fails = assert_exactly_once(tmp_path / "out", 12)
+    assert sorted(f["index"] for f in fails) == [2, 3, 9] and fault.counts["q2"] == 2
+    cfg.resume = True
+    assert regenerate(cfg).requested == 0  # plain --resume: failures are finished samples
+    cfg.retry_failed = True
+    res = regenerate(cfg)
+    assert res.requested == 3 and (res.done, res.failed) == (11, 1)
+    rows, fails = assert_exactly_once(tmp_path / "out", 12)
+    assert [f["index"] for f in fails] == [9] and fault.counts["q2"] == 4
+    for i in (2, 3):  # two retried samples in one sealed shard: both land in the rebuilt shard
+        assert next(r for r in rows if r["index"] == i)["messages"][-1]["content"] == f"A({specs[i]})"
+    assert sum(fault.counts.values()) == 12 + 1 + 1 + 1 + 2 + 1  # nothing done was sent again

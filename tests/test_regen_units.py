@@ -124,6 +124,16 @@ def test_journal_keeps_a_whole_entry_without_newline_and_last_entry_wins(tmp_pat
     assert p.read_bytes().endswith(b"}\n")
 
 
+def test_journal_group_commit_flushes_each_line_and_syncs_later(tmp_path):
+    p = tmp_path / "j.jsonl"
+    j = Journal(p, sync_every_s=0.5).open()
+    j.append({"index": 0, "status": "done"})
+    assert j._dirty and Journal(p).load() == {0: {"index": 0, "status": "done"}}  # visible at once
+    j.sync()
+    assert not j._dirty
+    j.close()
+
+
 def test_journal_reports_corruption_in_the_middle(tmp_path):
     p = tmp_path / "j.jsonl"
     p.write_bytes(b'{"index": 0, "status": "done"}\nGARBAGE\n{"index": 2, "status": "done"}\n')

@@ -227,6 +227,12 @@ class _Run:
             raise CorruptDataError(f"{self.journal.path} records samples that are not in the input "
                                    f"(e.g. index {min(unknown)})",
                                    hint="the input changed since the first run; use a new output directory")
+        self.stale: set[int] = set()  # sealed shards whose failed samples are sent again
+        if self.cfg.retry_failed:  # forget the failures in memory; the file keeps them until
+            pos_of = {c.index: p for p, c in enumerate(self.convs)}  # the new outcome is appended
+            for idx in [i for i, e in self.journal.entries.items() if e["status"] == FAILED]:
+                del self.journal.entries[idx]
+                self.stale.add(pos_of[idx] // self.cfg.shard_size)
         self._index_counters()
         if self.journal.torn_bytes:
             self.events(Log(stage=STAGE, level="warning", message=(
@@ -242,8 +248,7 @@ class _Run:
         cfg, events = self.cfg, self.events
         todo: list[int] = []
         for p, conv in enumerate(self.convs):
-            e = self.journal.entries.get(conv.index)
-            if e is not None and not (cfg.retry_failed and e["status"] == FAILED):
+            if conv.index in self.journal.entries:
                 continue
             try:
                 slots = plan(conv.messages, cfg.turns)
@@ -280,15 +285,25 @@ class _Run:
                 queue.put_nowait(p)
             syncer = asyncio.create_task(self._sync_journal())
             try:
-                async with client, asyncio.TaskGroup() as tg:
-                    for _ in range(min(cfg.concurrency, len(todo))):
-                        tg.create_task(self._worker(queue))
-            except BaseExceptionGroup as eg:
+                async with client:
+                    workers = [asyncio.create_task(self._worker(queue))
+                               for _ in range(min(cfg.concurrency, len(todo)))]
+                    try:  # the first worker error (failure cap, all servers dead) stops the others
+                        done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+                    finally:  # also on Ctrl-C: in-flight requests are dropped before the session
+                        for t in workers:  # closes, so none of them is journaled as failed
+                            t.cancel()
+                        await asyncio.gather(*workers, return_exceptions=True)
+                    error = next((t.exception() for t in done if t.exception() is not None), None)
+                    if error is not None:
+                        raise error
+            except Exception:
                 self._refresh_manifest()
                 write_failures(self.out, self._failure_records())
-                raise _first_meaningful(eg) from None
+                raise
             finally:
                 syncer.cancel()
+                await asyncio.gather(syncer, return_exceptions=True)
         return self._finish(t0)
 
     async def _sync_journal(self) -> None:
@@ -325,7 +340,8 @@ class _Run:
             k = p // cfg.shard_size
             if self._shard_finished(k):
                 async with self.seal_lock:
-                    sealed_now = not self._sealed_ok(k)
+                    sealed_now = k in self.stale or not self._sealed_ok(k)
+                    self.stale.discard(k)
                     if sealed_now:
                         await asyncio.to_thread(self._write_sealed, self._seal_plan(k))
                 if sealed_now:
@@ -367,7 +383,7 @@ class _Run:
     def _finish(self, t0: float) -> RegenResult:
         cfg = self.cfg
         for k in range(self.n_shards):  # normally all sealed already; be sure
-            if not self._sealed_ok(k):
+            if k in self.stale or not self._sealed_ok(k):
                 self._seal(k)
         write_failures(self.out, self._failure_records())
         c = self._counts()
@@ -397,13 +413,3 @@ class _Run:
 def _samples_of(manifest, k: int) -> int:
     rec = next((s for s in manifest.shards if s["file"] == shard_name(k)), None)
     return int(rec["samples"]) if rec else 0
-
-
-def _first_meaningful(eg: BaseExceptionGroup) -> BaseException:
-    """The error that stopped the run (not the cancellations it caused)."""
-    for e in eg.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            return _first_meaningful(e)
-        if not isinstance(e, asyncio.CancelledError):
-            return e
-    return eg.exceptions[0]
