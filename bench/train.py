@@ -3,7 +3,8 @@
     .venv/bin/python bench/train.py [--samples 24] [--seq 512] [--ttt 3] [--random]
 
 Ours: the step's documents packed into one row as core.train does (no attention across them), target
-distributions over the draft vocab only, logits only for supervised rows, the fused CPU attention
+distributions over the draft vocab only, logits only for supervised rows, TTT steps >= 1 only on
+rows a later step supervises, the fused CPU attention
 path (core.model.ttt.ttt_forward_loss). Plain: what the anchors' training step does, written out
 below: each document padded to the longest in the batch, full-vocabulary target logits restricted
 to the draft vocab inside every TTT step, logits for every position, the explicit full mask over
