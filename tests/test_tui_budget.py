@@ -159,3 +159,24 @@ def test_gpu_probe_reads_nvidia_smi(tmp_path, monkeypatch):
     gpus = probe_gpus()
     assert [g.name for g in gpus] == ["NVIDIA H100 80GB HBM3"] * 2
     assert gpus[0].total_bytes == 81559 << 20 and gpus[1].free_bytes == 1024 << 20
+
+
+async def test_measured_speed_gives_time_estimates(tmp_path, tiny_target):
+    """ctrl+t measures the target's forward speed in a subprocess; the cache time follows from it."""
+    cfg = RunConfig(workdir=str(tmp_path / "w"))
+    cfg.target.model, cfg.target.device = str(tiny_target), "cpu"
+    cfg.dataset.limit = 100
+    cfg.features.max_length = 256
+    cfg.vocab.draft_vocab_size = 128
+    app = make_app(tmp_path, config=cfg)
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.screen.query_one(BudgetPanel)
+        assert "press ctrl+t" in flat(panel, 44)
+        await pilot.press("ctrl+t")
+        await wait_for(lambda: str(tiny_target) in app.speeds, "measurement")(pilot, tries=1200)
+        await pilot.pause()
+        tps = app.speeds[str(tiny_target)]
+        assert tps > 0
+        cache = next(b for b in panel.assessment.steps if b.step == "cache")
+        assert cache.time_s == 100 * 256 / tps
+        assert "(measured speed, upper bound)" in flat(panel, 44)
