@@ -100,14 +100,14 @@ def train_config(cfg: RunConfig, target: str, resume: bool):
                   max_tokens_per_batch=t.max_tokens_per_batch, epochs=t.epochs,
                   max_steps=t.max_steps, seed=t.seed, save_every=t.save_every,
                   keep_last=t.keep_last, val_fraction=t.val_fraction, nproc=t.nproc,
-                  device=cfg.target.device, resume=resume)
+                  max_length=f.max_length, device=cfg.target.device, resume=resume)
     if f.mode == "offline":
         return TrainConfig(cache=str(cfg.step_output_dir("cache")), **common)
     data = training_data(cfg)
     return TrainConfig(target=target, data=data["source"], data_split=data["split"],
                        messages_column=data["messages_column"], data_limit=data["limit"],
                        draft_vocab_size=cfg.vocab.draft_vocab_size, aux_layer_ids=f.aux_layers,
-                       max_length=f.max_length, **common)
+                       **common)
 
 
 def _train(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:

@@ -32,13 +32,14 @@ def demo_config(quick: bool, workdir: str, data_file: str):
     cfg.features.mode = "offline"
     cfg.features.max_length = 384 if quick else 512
     cfg.features.shard_size = 16
+    # Small data: short TTT unroll, a higher learning rate, many small steps.
     cfg.train.ttt_length = 3
-    cfg.train.lr = 3e-4
+    cfg.train.lr = 5e-4
     cfg.train.warmup_ratio = 0.05
-    cfg.train.epochs = 3 if quick else 8
-    cfg.train.max_tokens_per_batch = 2048
+    cfg.train.epochs = 4 if quick else 10
+    cfg.train.max_tokens_per_batch = cfg.features.max_length * 2
     cfg.train.val_fraction = 0.1
-    cfg.train.save_every = 50
+    cfg.train.save_every = 100
     cfg.eval.num_prompts = 3 if quick else 8
     cfg.eval.max_new_tokens = 32 if quick else 64
     cfg.eval.num_draft_tokens = 3
