@@ -1,0 +1,3 @@
+from eagle_tui.cli import entry
+
+entry()

@@ -1,0 +1,153 @@
+"""`eagle run CONFIG`: the whole pipeline on the tiny target, end to end and resumable.
+
+Regeneration talks to a real `transformers serve` started for the run; training runs online (the
+frozen target inside the step); evaluation is real speculative decoding; the export is validated.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.errors import UsageError
+from core.manifest import load_manifest
+from core.pipeline import plan_pipeline, select_steps
+from core.runconfig import RunConfig
+
+QA = [("What is the capital of France?", "Paris is the capital of France."),
+      ("Say hello.", "Hello! How can I help you today?"),
+      ("Add two numbers in Python.", "def add(a, b):\n    return a + b\n"),
+      ("What does the fox do?", "The quick brown fox jumps over the lazy dog.")]
+
+
+def _write_data(path, n):
+    rows = [{"messages": [{"role": "user", "content": f"{q} ({i})"}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate((QA * n)[:n])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(tmp_path, tiny_target, regen: bool) -> RunConfig:
+    cfg = RunConfig(workdir=str(tmp_path / "work"))
+    cfg.target.model = str(tiny_target)
+    cfg.target.device = "cpu"
+    cfg.dataset.source = str(_write_data(tmp_path / "chats.jsonl", 10))
+    cfg.dataset.shuffle_seed = None
+    cfg.dataset.limit = 8  # the last 2 rows are the held-out eval prompts
+    cfg.regen.enabled = regen
+    cfg.regen.max_new_tokens = 12
+    cfg.regen.concurrency = 4
+    cfg.regen.shard_size = 4
+    cfg.vocab.draft_vocab_size = 64
+    cfg.features.mode = "online"
+    cfg.features.max_length = 64
+    cfg.train.ttt_length = 2
+    cfg.train.max_steps = 4
+    cfg.train.max_tokens_per_batch = 128
+    cfg.train.save_every = 2
+    cfg.train.val_fraction = 0.25
+    cfg.eval.num_prompts = 2
+    cfg.eval.max_new_tokens = 8
+    cfg.eval.num_draft_tokens = 2
+    return cfg.validate()
+
+
+def _eagle(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "eagle_tui.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_eagle_run_whole_pipeline_then_resume_and_refuse(tmp_path, tiny_target):
+    cfg = _config(tmp_path, tiny_target, regen=True)
+    cfg.save(tmp_path / "run.yaml")
+    r = _eagle("--events", "jsonl", "run", str(tmp_path / "run.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    stages = [e["stage"] for e in events if e["event"] == "stage_finished"]
+    assert stages == ["regen", "train", "eval", "export", "pipeline"]
+    summary = events[-1]["summary"]
+    work = tmp_path / "work"
+    # regen: every selected row regenerated, parquet shards + manifest
+    regen = load_manifest(work / "regen")
+    assert regen.kind == "regen" and sum(s["samples"] for s in regen.shards) == 8
+    # train: run dir with a checkpoint at the last step
+    assert (work / "run" / "checkpoints" / "step-4" / "draft.safetensors").is_file()
+    # eval: lossless on the held-out prompts, tau counted with the bonus token
+    report = json.loads((work / "eval.json").read_text())
+    assert summary["lossless"] is True and summary["tau"] >= 1.0
+    assert report["summary"]["lossless"] is True
+    # export: validated serving folder and both engines' commands
+    cfg_json = json.loads((work / "export" / "config.json").read_text())
+    assert cfg_json["architectures"] == ["LlamaForCausalLMEagle3"] and cfg_json["num_hidden_layers"] == 1
+    assert "--speculative-algorithm EAGLE3" in summary["sglang_command"]
+    assert '"method": "eagle3"' in summary["vllm_command"]
+
+    # the same command again without --resume refuses (exit 2) and leaves everything in place
+    before = sorted(p.name for p in (work / "regen").iterdir())
+    r2 = _eagle("run", str(tmp_path / "run.yaml"))
+    assert r2.returncode == 2, r2.stderr
+    assert "already holds" in r2.stderr and "--resume" in r2.stderr and "Traceback" not in r2.stderr
+    assert sorted(p.name for p in (work / "regen").iterdir()) == before
+
+    # --resume: every step finds its finished output; the export is reused, nothing is redone
+    r3 = _eagle("--events", "jsonl", "run", str(tmp_path / "run.yaml"), "--resume", "--steps", "regen,train,export")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    ev3 = [json.loads(line) for line in r3.stdout.splitlines() if line.startswith("{")]
+    regen_done = next(e for e in ev3 if e["event"] == "stage_finished" and e["stage"] == "regen")
+    assert regen_done["summary"]["requested"] == 0
+    assert any(e["event"] == "log" and "already holds the export" in e["message"] for e in ev3)
+
+
+def test_plan_measures_the_dataset_and_budgets_each_step(tmp_path, tiny_target):
+    cfg = _config(tmp_path, tiny_target, regen=False)
+    cfg.features.mode = "offline"
+    plan = plan_pipeline(cfg)
+    assert plan["dataset"]["conversations"] == 8 and plan["dataset"]["mean_tokens"] > 10
+    assert list(plan["steps"]) == ["cache", "train", "eval", "export"]
+    cache = plan["steps"]["cache"]
+    assert 0 < cache["bytes_per_sample"] < cache["nemo_bytes_per_sample"]
+    assert cache["fits"] is True and cache["total_bytes"] > 8 * cache["bytes_per_sample"] * 0.9
+    # nothing was written by planning
+    assert not (tmp_path / "work" / "cache").exists()
+
+
+def test_plan_cli_prints_every_step(tmp_path, tiny_target):
+    cfg = _config(tmp_path, tiny_target, regen=True)
+    cfg.save(tmp_path / "run.yaml")
+    r = _eagle("run", str(tmp_path / "run.yaml"), "--plan")
+    assert r.returncode == 0, r.stderr
+    for word in ("regen", "train", "eval", "export", "conversations"):
+        assert word in r.stdout
+
+
+def test_step_selection_is_checked(tmp_path, tiny_target):
+    cfg = _config(tmp_path, tiny_target, regen=False)
+    assert select_steps(cfg, ["export", "train"]) == ["train", "export"]
+    with pytest.raises(UsageError, match="unknown step"):
+        select_steps(cfg, ["training"])
+    with pytest.raises(UsageError, match="switched off"):
+        select_steps(cfg, ["regen"])  # regen.enabled is false
+    with pytest.raises(UsageError, match="switched off"):
+        select_steps(cfg, ["cache"])  # online mode has no cache step
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lrr: 0.1\n")
+    r = _eagle("run", str(p))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {p}: unknown field train.lrr (did you mean train.lr?)"]
+
+
+def test_demo_writes_a_valid_config(tmp_path):
+    r = _eagle("demo", "--quick", "--write-only", "--workdir", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    cfg = RunConfig.load(tmp_path / "d" / "demo-quick.yaml")
+    assert cfg.target.model == "demo" and cfg.regen.launch == "transformers"
+    rows = (tmp_path / "d" / "demo-quick-conversations.jsonl").read_text().splitlines()
+    assert len(rows) == cfg.dataset.limit + cfg.eval.num_prompts
+    assert all(sum(len(m["content"]) for m in json.loads(x)["messages"]) <= 1200 for x in rows)
