@@ -65,6 +65,11 @@ def test_export_check_reload_identical_logits(tiny_target, tmp_path):
     assert torch.equal(draft_logits(draft), draft_logits(again))
     assert torch.equal(again.d2t, draft.d2t) and torch.equal(again.t2d, draft.t2d)
     assert meta2["chat_template_sha256"] == meta["chat_template_sha256"] is not None
+    from transformers import AutoTokenizer
+
+    from core.vocab import chat_template_hash  # the hash the vocab / training side records
+
+    assert meta["chat_template_sha256"] == chat_template_hash(AutoTokenizer.from_pretrained(tiny_target))
 
 
 def test_config_json_follows_reference_section_2(tiny_target, tmp_path):

@@ -208,7 +208,7 @@ def chat_template_hash(target: str | os.PathLike | None) -> str | None:
     d = Path(target)
     jinja = d / "chat_template.jinja"
     if jinja.is_file():
-        return sha256_bytes(jinja.read_bytes())
+        return sha256_bytes(jinja.read_bytes())[:16]
     tc = d / "tokenizer_config.json"
     if tc.is_file():
         try:
