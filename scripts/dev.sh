@@ -33,6 +33,6 @@ case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/eagle" demo "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
-  screenshots) setup; exec "$VENV/bin/python" -m eagle_tui.screenshots "$@" ;;
+  screenshots) setup; command -v rsvg-convert >/dev/null || "$VENV/bin/pip" install -q -e ".[screenshots]"; exec "$VENV/bin/python" -m eagle_tui.screenshots "$@" ;;
   *) echo "usage: scripts/dev.sh demo|test|setup|screenshots [args]" >&2; exit 2 ;;
 esac
