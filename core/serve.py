@@ -184,8 +184,41 @@ def resolve_draft(cfg: ServeConfig) -> DraftPlan:
         raise UsageError(f"{p} would not serve correctly: {len(errs)} problem(s), first: "
                          f"{first.code}: {first.message}",
                          hint=f"details: eagle export --check {p}; fix: eagle export --from {p} --output DIR")
+    notes = _target_notes(cfg.target, Path(report.checked_dir))
     return DraftPlan("speculators" if report.layout == "speculators" else "export",
-                     str(Path(report.checked_dir).resolve()))
+                     str(Path(report.checked_dir).resolve()), notes=notes)
+
+
+def _target_notes(target: str, folder: Path) -> list[str]:
+    """Refuse a draft made for another target (local targets only); note a changed chat template."""
+    from core.export.format import chat_template_hash
+
+    tdir = Path(os.path.expanduser(target))
+    if not (tdir / "config.json").is_file():
+        return []
+    tcfg = json.loads((tdir / "config.json").read_text())
+    tcfg = tcfg.get("text_config") or tcfg
+    dcfg = json.loads((folder / "config.json").read_text())
+    dcfg = {**dcfg, **(dcfg.get("transformer_layer_config") or {})}
+    meta = json.loads((folder / "eagle_export.json").read_text()) if (folder / "eagle_export.json").is_file() else {}
+    mt = meta.get("target") or {}
+    wrong = []
+    if dcfg.get("vocab_size") not in (None, tcfg.get("vocab_size")):
+        wrong.append(f"vocab {dcfg.get('vocab_size')} vs the target's {tcfg.get('vocab_size')}")
+    ht = dcfg.get("target_hidden_size") or dcfg.get("hidden_size")
+    if ht not in (None, tcfg.get("hidden_size")):
+        wrong.append(f"target hidden size {ht} vs {tcfg.get('hidden_size')}")
+    if mt.get("num_hidden_layers") not in (None, tcfg.get("num_hidden_layers")):
+        wrong.append(f"trained on a {mt.get('num_hidden_layers')}-layer target, this one has "
+                     f"{tcfg.get('num_hidden_layers')}")
+    if wrong:
+        raise UsageError(f"the draft in {folder} was not made for {target}: " + "; ".join(wrong))
+    notes = []
+    here, then = chat_template_hash(tdir), mt.get("chat_template_sha256")
+    if here and then and here != then:
+        notes.append(f"the target's chat template changed since the draft was made ({then} -> {here}): "
+                     "accept length may drop")
+    return notes
 
 
 def _matching_export(out: Path, ckpt: Path) -> bool:

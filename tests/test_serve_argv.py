@@ -166,3 +166,15 @@ def test_vllm_metrics_parser():
             'vllm:spec_decode_num_accepted_tokens_total{model_name="T"} 70.0\n'
             'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 30.0\n')
     assert parse_vllm_spec_counters(page) == (40.0, 70.0)
+
+
+def test_draft_for_another_target_refused(export_dir, tiny_target, tmp_path):
+    from conftest import build_tiny_llama
+
+    other = tmp_path / "six"
+    other.mkdir()
+    vocab = json.loads((tiny_target / "config.json").read_text())["vocab_size"]
+    build_tiny_llama(other, vocab_size=vocab, num_hidden_layers=6)
+    with pytest.raises(UsageError, match="not made for"):
+        plan(ServeConfig(target=str(other), draft=str(export_dir)))
+    assert plan(ServeConfig(target=str(tiny_target), draft=str(export_dir))).draft.kind == "export"
