@@ -178,3 +178,31 @@ def test_draft_for_another_target_refused(export_dir, tiny_target, tmp_path):
     with pytest.raises(UsageError, match="not made for"):
         plan(ServeConfig(target=str(other), draft=str(export_dir)))
     assert plan(ServeConfig(target=str(tiny_target), draft=str(export_dir))).draft.kind == "export"
+
+
+def test_bench_client_reports_a_failing_server():
+    """Failure path of the bench client against a fault-injecting HTTP server (always HTTP 500)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from core.errors import EagleError
+    from core.events import NullSink
+    from core.serve_bench import run_prompts
+
+    class Fail(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"out of memory")
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Fail)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        with pytest.raises(EagleError, match="HTTP 500: out of memory"):
+            run_prompts("sglang", base, "T", ["hi"], 8, 10.0, NullSink(), "eagle3")
+    finally:
+        srv.shutdown()
