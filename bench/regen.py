@@ -1,6 +1,6 @@
 """Regeneration client overhead and CPU tokens/s, each against a baseline measured in the same run.
 
-    .venv/bin/python bench/regen.py [--requests 1000] [--repeats 3] [--samples 16]
+    .venv/bin/python bench/regen.py [--requests 3000] [--repeats 5] [--samples 16]
                                     [--max-new-tokens 32] [--smollm] [--skip-overhead] [--skip-serve]
 
 Part 1 (overhead): a local HTTP server (aiohttp, its own process) answers every chat completion
@@ -198,8 +198,9 @@ def part2(name: str, model: Path, samples: int, max_new_tokens: int, repeats: in
         print(f"  server ready in {time.perf_counter() - t0:.1f}s")
         inp = write_input(work / f"serve-{name}.jsonl", samples)
         asyncio.run(bare_loop(srv.url, srv.model_name, 8, 8, max_tokens=max_new_tokens))  # warm-up
-        print(f"  {'concurrency':>11} {'bare tok/s':>11} {'regen tok/s':>12} {'ratio':>7}")
+        print(f"  {'concurrency':>11} {'bare tok/s':>11} {'regen tok/s':>12} {'ratio':>7} {'paired':>7}")
         for c in (1, 8):
+            asyncio.run(bare_loop(srv.url, srv.model_name, 2 * c, c, max_tokens=max_new_tokens))
             bare, regen = [], []
             for r in range(repeats):
                 runs = [("bare", lambda: asyncio.run(bare_loop(srv.url, srv.model_name, samples, c,
@@ -210,20 +211,21 @@ def part2(name: str, model: Path, samples: int, max_new_tokens: int, repeats: in
                     dt, tok = fn()
                     (bare if kind == "bare" else regen).append(tok / dt)
             b, g = statistics.median(bare), statistics.median(regen)
+            pair = statistics.median(y / x for x, y in zip(bare, regen))  # same repeat, same load
             row = {"model": name, "concurrency": c, "samples": samples,
                    "bare_tokens_per_s": round(b, 2), "regen_tokens_per_s": round(g, 2),
-                   "ratio": round(g / b, 3), "bare_runs": [round(x, 1) for x in bare],
+                   "ratio": round(g / b, 3), "paired_ratio_median": round(pair, 3), "bare_runs": [round(x, 1) for x in bare],
                    "regen_runs": [round(x, 1) for x in regen]}
             rows.append(row)
             print(f"  {c:>11} {row['bare_tokens_per_s']:>11} {row['regen_tokens_per_s']:>12} "
-                  f"{row['ratio']:>7.2f}")
+                  f"{row['ratio']:>7.2f} {pair:>7.2f}")
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--smollm", action="store_true", help="also the embedded SmolLM2-135M")

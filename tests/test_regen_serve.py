@@ -108,3 +108,33 @@ def test_server_not_ready_in_time_is_stopped(tiny_target, tmp_path):
                             ready_timeout=0.5, log_path=tmp_path / "s.log")
     time.sleep(0.5)
     assert not listening(port)
+
+
+def test_launched_server_dying_mid_run_is_reported_with_its_log(tiny_target, tmp_path):
+    import os
+
+    import psutil
+
+    from core.events import CallbackSink, Progress
+
+    inp = write_conversations(tmp_path / "in.jsonl", [f"The quick brown fox {i}" for i in range(40)])
+    killed = []
+
+    def kill_server_once(e):
+        if isinstance(e, Progress) and e.stage == "regen" and not killed:
+            for proc in psutil.process_iter(["cmdline"]):
+                if str(tiny_target) in " ".join(proc.info["cmdline"] or []) and "serve" in \
+                        (proc.info["cmdline"] or []):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+
+    with pytest.raises(TargetServerError, match="died during the run") as e:
+        regenerate(RegenConfig(input_data=inp, output_dir=str(tmp_path / "out"),
+                               model=str(tiny_target), launch="transformers", launch_device="cpu",
+                               concurrency=1, max_new_tokens=4, backoff_base=0.05,
+                               backoff_max=0.1, launch_ready_timeout=300),
+                   CallbackSink(kill_server_once))
+    assert killed and "--resume" in str(e.value) and "transformers-server.log" in str(e.value)
+    # what finished before the crash is kept for --resume
+    journal = (tmp_path / "out" / ".regen" / "journal.jsonl").read_text().splitlines()
+    assert 1 <= len(journal) < 40

@@ -23,7 +23,7 @@ from core.errors import CorruptDataError, FailureLimitError, OutputExistsError, 
 from core.events import (EventSink, Log, NullSink, Progress, RateMeter, SampleFailed, ShardDone,
                          StageFinished, StageStarted)
 from core.manifest import diff_settings, load_manifest, prepare_output_dir, sha256_file
-from core.regen.client import ChatClient, RequestFailed, ServerPool
+from core.regen.client import AllServersDeadError, ChatClient, RequestFailed, ServerPool
 from core.regen.config import FORMAT_VERSION, RegenConfig
 from core.regen.journal import DONE, FAILED, SKIPPED, Journal
 from core.regen.turns import Skip, plan, replay
@@ -109,7 +109,7 @@ def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult
     manifest.save(cfg.output_dir)
 
     with contextlib.ExitStack() as stack:
-        urls, model = cfg.server_urls(), cfg.model
+        urls, model, server = cfg.server_urls(), cfg.model, None
         if model == "demo":  # the embedded SmolLM2; `transformers serve` pins it by its path
             from core.assets import demo_target
 
@@ -125,7 +125,17 @@ def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult
             events(Log(stage=STAGE, message=f"target server ready at {server.url}"))
             urls, model = [server.url], server.model_name
         run = _Run(cfg, events, convs, report, manifest, resumed, urls, model)
-        return asyncio.run(run.main())
+        try:
+            return asyncio.run(run.main())
+        except AllServersDeadError:
+            if server is not None and not server.alive():  # say why: the server's own last words
+                from core.target_server import TargetServerError
+
+                raise TargetServerError(
+                    f"the {cfg.launch} server we started died during the run; log "
+                    f"{server.log_path} ends with:\n{server.log_tail()}",
+                    hint="fix the cause, then re-run with --resume") from None
+            raise
 
 
 class _Run:
