@@ -4,7 +4,6 @@ output; argument and dependency refusals before any request."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

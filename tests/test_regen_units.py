@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email.utils
 import importlib.util
-import json
 import random
 import sys
 import time

@@ -1,30 +1,23 @@
-"""`regenerate(cfg, events)`: replay a chat dataset against the target and write the new dataset.
+"""The async engine of a regeneration run (entry.py prepares it, this module runs it).
 
-Flow: validate the config -> refuse a bad output directory -> load conversations -> (start a
-server) -> send samples with bounded concurrency -> journal each finished sample -> seal a shard
-(parquet + manifest checksum) as soon as all of its samples are done, failed or skipped.
-
-Shards cover fixed blocks of `shard_size` input positions, so a resumed run rebuilds exactly the
-same shards; the journal (not the shards) is the source of truth for what is finished.
+Samples are sent with bounded concurrency; each finished sample is journaled; a shard is sealed
+(parquet + manifest checksum + failures.jsonl) as soon as all of its samples are done, failed or
+skipped. Shards cover fixed blocks of `shard_size` input positions, so a resumed run rebuilds
+exactly the same shards; the journal (not the shards) is the source of truth for what is finished.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import CorruptDataError, FailureLimitError, OutputExistsError, SettingsMismatchError
-from core.events import (EventSink, Log, NullSink, Progress, RateMeter, SampleFailed, ShardDone,
-                         StageFinished, StageStarted)
-from core.manifest import diff_settings, load_manifest, prepare_output_dir, sha256_file
-from core.regen.client import AllServersDeadError, ChatClient, RequestFailed, ServerPool
-from core.regen.config import FORMAT_VERSION, RegenConfig
+from core.errors import CorruptDataError, FailureLimitError
+from core.events import Log, Progress, RateMeter, SampleFailed, ShardDone, StageFinished, StageStarted
+from core.manifest import sha256_file
+from core.regen.client import ChatClient, RequestFailed, ServerPool
 from core.regen.journal import DONE, FAILED, SKIPPED, Journal
 from core.regen.turns import Skip, plan, replay
 from core.regen.writer import shard_name, write_failures, write_shard
@@ -56,89 +49,7 @@ class RegenResult:
         return asdict(self)
 
 
-def _input_fingerprint(convs: list) -> str:
-    h = hashlib.sha256()
-    for c in convs:
-        h.update(json.dumps([c.index, c.messages], sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _precheck_output(cfg: RegenConfig, settings: dict[str, Any]) -> None:
-    """The refusal rules, checked before the (possibly slow) input load."""
-    d = Path(cfg.output_dir)
-    if not d.exists() or not any(d.iterdir()):
-        return
-    if not cfg.resume:
-        raise OutputExistsError(f"{d} already holds earlier output",
-                                hint="pass --resume to continue it, or choose an empty directory")
-    m = load_manifest(d)
-    if m is not None and m.kind == "regen":
-        diff = diff_settings(m.settings, settings)
-        if diff:
-            raise SettingsMismatchError(str(d), diff)
-
-
-def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult:
-    """The one public entry of the regen stage (see the module docstring)."""
-    events = events or NullSink()
-    cfg.validate()
-    if cfg.launch:
-        from core.target_server import check_backend_installed
-
-        check_backend_installed(cfg.launch)  # exit 2 with an install hint, before any work
-    settings = cfg.content_settings()
-    _precheck_output(cfg, settings)
-
-    from core.data import DataSpec, load_conversations  # lazy: pulls in datasets/pyarrow
-
-    source = cfg.input_data
-    if source == "demo":
-        from core.assets import demo_dataset
-
-        source = str(demo_dataset(events=events))
-    spec = DataSpec(source=source, split=cfg.split, messages_column=cfg.messages_column,
-                    shuffle_seed=cfg.shuffle_seed, limit=cfg.limit, strict=cfg.strict)
-    convs, report = load_conversations(spec, events=events)
-    fingerprint = _input_fingerprint(convs)
-    manifest, resumed = prepare_output_dir(cfg.output_dir, "regen", FORMAT_VERSION, settings,
-                                           cfg.resume)
-    old = manifest.extra.get("input_fingerprint")
-    if resumed and old is not None and old != fingerprint:
-        raise SettingsMismatchError(cfg.output_dir, {"input content": (old, fingerprint)})
-    manifest.extra.update(input_fingerprint=fingerprint, total=len(convs))
-    manifest.save(cfg.output_dir)
-
-    with contextlib.ExitStack() as stack:
-        urls, model, server = cfg.server_urls(), cfg.model, None
-        if model == "demo":  # the embedded SmolLM2; `transformers serve` pins it by its path
-            from core.assets import demo_target
-
-            model = str(demo_target(events=events))
-        if cfg.launch:
-            from core.target_server import start_target_server
-
-            events(Log(stage=STAGE, message=f"starting a {cfg.launch} server for {model}"))
-            server = stack.enter_context(start_target_server(
-                cfg.launch, model, extra_args=cfg.launch_args, device=cfg.launch_device,
-                ready_timeout=cfg.launch_ready_timeout,
-                log_path=Path(cfg.output_dir) / WORK_DIR / f"{cfg.launch}-server.log"))
-            events(Log(stage=STAGE, message=f"target server ready at {server.url}"))
-            urls, model = [server.url], server.model_name
-        run = _Run(cfg, events, convs, report, manifest, resumed, urls, model)
-        try:
-            return asyncio.run(run.main())
-        except AllServersDeadError:
-            if server is not None and not server.alive():  # say why: the server's own last words
-                from core.target_server import TargetServerError
-
-                raise TargetServerError(
-                    f"the {cfg.launch} server we started died during the run; log "
-                    f"{server.log_path} ends with:\n{server.log_tail()}",
-                    hint="fix the cause, then re-run with --resume") from None
-            raise
-
-
-class _Run:
+class RegenRun:
     def __init__(self, cfg, events, convs, report, manifest, resumed, urls, model):
         self.cfg, self.events, self.convs, self.manifest = cfg, events, convs, manifest
         self.resumed, self.urls, self.model = resumed, urls, model
