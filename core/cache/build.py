@@ -18,10 +18,10 @@ from typing import Any
 
 from core.cache import layout
 from core.cache.config import CacheConfig, CacheResult
-from core.cache.writer import HEAD_FILE, ShardJob, WorkerJob, run_worker, worker_main
+from core.cache.writer import ShardJob, WorkerJob, run_worker, worker_main
 from core.errors import CorruptDataError, EagleError, InputDataError, UsageError
-from core.events import EventSink, Log, NullSink, Progress, RateMeter, SampleFailed, ShardDone, StageFinished, StageStarted
-from core.manifest import prepare_output_dir, sha256_file, settings_hash, write_bytes_atomic, write_json_atomic
+from core.events import EventSink, Log, NullSink, Progress, RateMeter, ShardDone, StageFinished, StageStarted
+from core.manifest import prepare_output_dir, sha256_file, settings_hash, write_bytes_atomic
 
 STAGE = "cache"
 TARGET_CONFIG = "target_config.json"

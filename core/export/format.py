@@ -273,7 +273,6 @@ def write_export(out_dir: str | os.PathLike, draft_cfg: dict[str, Any], state_di
     from safetensors.torch import save_file
 
     from core.export.validate import errors_only, format_problems, validate_export_contents
-    from core.manifest import Manifest
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -319,18 +318,25 @@ def write_export(out_dir: str | os.PathLike, draft_cfg: dict[str, Any], state_di
         meta["weights_sha256"] = _sha256_file(tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        m = Manifest(kind="export", format_version=META_VERSION,
-                     settings={"produced_by": produced_by, "dtype": torch_dtype,
-                               "include_embed": include_embed}, complete=True)
-        m.add_shard(tmp, WEIGHTS, samples=0)
-        m.save(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        publish_folder(tmp, out, {"produced_by": produced_by, "dtype": torch_dtype,
+                                  "include_embed": include_embed})
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def publish_folder(tmp: Path, out: Path, settings: dict[str, Any]) -> None:
+    """Seal a staged export (manifest with the weights' checksum) and rename it onto `out`,
+    so the whole folder appears at once or not at all."""
+    from core.manifest import Manifest
+
+    m = Manifest(kind="export", format_version=META_VERSION, settings=settings, complete=True)
+    m.add_shard(tmp, WEIGHTS, samples=0)
+    m.save(tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
 
 
 def _sha256_file(path: Path) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from core import __version__
 from core.errors import OutputExistsError, UsageError
-from core.export.format import (CONFIG, META, META_FORMAT, META_VERSION, WEIGHTS, _serving_tensors,
+from core.export.format import (CONFIG, META, META_FORMAT, META_VERSION, WEIGHTS, _serving_tensors, publish_folder,
                                 default_aux_layers, engine_aux_fields, rope_fields)
 
 
@@ -72,7 +72,7 @@ def write_speculators_export(out_dir: str | os.PathLike, draft_cfg: dict[str, An
 
     from core.export.check import check_folder
     from core.export.validate import errors_only, format_problems
-    from core.manifest import Manifest, sha256_file
+    from core.manifest import sha256_file
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -111,13 +111,8 @@ def write_speculators_export(out_dir: str | os.PathLike, draft_cfg: dict[str, An
             raise UsageError("refusing to write an invalid speculators export:\n" + format_problems(errs))
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        m = Manifest(kind="export", format_version=META_VERSION, complete=True,
-                     settings={"produced_by": produced_by, "format": "speculators", "dtype": torch_dtype})
-        m.add_shard(tmp, WEIGHTS, samples=0)
-        m.save(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        publish_folder(tmp, out, {"produced_by": produced_by, "format": "speculators",
+                                  "dtype": torch_dtype})
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from core.errors import UsageError
 

@@ -10,17 +10,6 @@ import typer
 from eagle_tui.cli import common
 
 
-def _layers(value: Optional[str]) -> Optional[list[int]]:
-    if value is None:
-        return None
-    from core.errors import UsageError
-
-    try:
-        return [int(x) for x in value.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise UsageError(f"--aux-layers {value!r}: expected comma-separated layer ids, e.g. 1,15,28") from None
-
-
 def register(app: typer.Typer) -> None:
     @app.command("cache")
     def cache(
@@ -60,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from core.budget import format_bytes
 
         cfg = CacheConfig(target=target, data=data, output_dir=output, draft_vocab_size=draft_vocab_size,
-                          vocab=vocab, aux_layer_ids=_layers(aux_layers), max_length=max_length,
+                          vocab=vocab, aux_layer_ids=common.int_list(aux_layers, "--aux-layers"), max_length=max_length,
                           aux_dtype=aux_dtype, target_store=target_store, topk=topk, target_dtype=target_dtype,
                           shard_size=shard_size, batch_tokens=batch_tokens, nproc=nproc, device=device,
                           device_map=device_map, split=split, messages_column=messages_column, limit=limit,

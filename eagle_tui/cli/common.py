@@ -49,3 +49,15 @@ def echo(msg: str = "") -> None:
 
 ResumeOpt = typer.Option(False, "--resume", help="Continue the work found in the output directory.")
 EventsOpt = Optional[str]
+
+
+def int_list(value: Optional[str], option: str) -> Optional[list[int]]:
+    """'1,15,28' → [1, 15, 28] for options such as --aux-layers; a clear usage error otherwise."""
+    if value is None or not value.strip():
+        return None
+    from core.errors import UsageError
+
+    try:
+        return [int(x) for x in value.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UsageError(f"{option} {value!r}: expected comma-separated integers, e.g. 1,15,28") from None

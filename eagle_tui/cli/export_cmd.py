@@ -66,14 +66,9 @@ def register(app: typer.Typer) -> None:
                                  "--format speculators afterwards")
             from core.export import ConvertConfig, convert_checkpoint
 
-            aux = None
-            if aux_layers:
-                try:
-                    aux = [int(x) for x in aux_layers.split(",")]
-                except ValueError:
-                    raise UsageError(f"--aux-layers {aux_layers!r}: expected comma-separated integers")
             res = convert_checkpoint(ConvertConfig(source=from_dir, output_dir=output, target=target,
-                                                   rope_theta=rope_theta, dtype=dtype, aux_layer_ids=aux,
+                                                   rope_theta=rope_theta, dtype=dtype,
+                                                   aux_layer_ids=common.int_list(aux_layers, "--aux-layers"),
                                                    include_embed=not no_embed), sink)
             common.echo(f"converted {from_dir} ({res.source_layout}) -> {res.output_dir}")
             for f in res.fixes:
