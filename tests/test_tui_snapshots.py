@@ -69,10 +69,11 @@ def test_pane_dataset_preview(snap_compare, snapdir, tmp_path):
         app = pilot.app
         pane = app.screen.query_one("#pane-dataset")
         pane.action_preview()
-        for _ in range(200):
+        for _ in range(1200):  # up to a minute on a loaded 2-core CI machine
             await pilot.pause(0.05)
-            if "chats.jsonl" in app.known_rows:
+            if "chats.jsonl" in app.known_rows:  # set right after the preview is shown
                 break
+        await settle(pilot)
         pane.scroll_end(animate=False)
         await settle(pilot)
 

@@ -146,14 +146,14 @@ class DatasetPane(Pane):
 
                 spec_kwargs["source"] = str(demo_dataset())
             convs, report = load_conversations(DataSpec(**spec_kwargs))
-            body = render_preview(convs, report, source)
-            self.app.call_from_thread(self._learned_size, source, report.rows_in_source)
+            self.app.call_from_thread(self._loaded, source, report.rows_in_source,
+                                      render_preview(convs, report, source))
         except Exception as e:  # shown in the pane: a bad dataset must not crash the wizard
-            body = Text(f"Cannot read the dataset: {e}", style="bold red")
-        self.app.call_from_thread(self._show, body)
+            self.app.call_from_thread(self._show, Text(f"Cannot read the dataset: {e}", style="bold red"))
 
-    def _learned_size(self, source: str, rows: int) -> None:
-        """The budget now counts the dataset's real size instead of an assumption."""
+    def _loaded(self, source: str, rows: int, body: Any) -> None:
+        """Show the preview, then let the budget count the dataset's real size instead of an assumption."""
+        self._show(body)
         self.app.known_rows[source] = rows
         self.screen.refresh_state()
 
