@@ -1,7 +1,7 @@
 """torchrun support: process group, DDP (default) or FSDP wrapping, collectives, full state dicts.
 
-`eagle train --nproc N` re-launches itself as `python -m torch.distributed.run --standalone
---nproc-per-node N -m core.train.launch ...`; several nodes run the `torchrun` line of the CLI help.
+`eagle train --nproc N` re-launches itself under torchrun (`python -m core.train.torchrun --standalone
+--nproc-per-node N -m core.train.launch ...`); several nodes run the `torchrun` line of the CLI help.
 Every process builds the same data plan and takes its own share of micro-batches (core.train.data).
 Backend: NCCL on CUDA, gloo on CPU. Gradients are averaged over processes, which with the
 plan's micro-batch assignment equals one process accumulating the same global batch.

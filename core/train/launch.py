@@ -1,4 +1,4 @@
-"""Worker entry for torchrun: `python -m torch.distributed.run ... -m core.train.launch CONFIG_JSON`.
+"""Worker entry for torchrun: `python -m core.train.torchrun ... -m core.train.launch CONFIG_JSON`.
 
 Every process runs `train()` with the same TrainConfig; rank 0 prints the events as JSON lines
 on stdout (the parent `eagle train --nproc N` renders them). An EagleError becomes a StageFailed

@@ -9,6 +9,7 @@ step 0, every `eval_every` steps and at the end; checkpoints every `save_every` 
 Exact resume: weights, AdamW state, the schedule position, RNG states and the data position (a
 pure function of the step) come back from the latest checkpoint, and the CPU path runs with
 deterministic algorithms, so an interrupted run ends with the same weights as an uninterrupted one.
+SIGINT / SIGTERM (core.train.interrupt) finish the current step, save it and raise KeyboardInterrupt.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 import torch
 
 from core.events import (CheckpointSaved, EventSink, Log, NullSink, Progress, StageFinished,
-                         StageStarted, StepMetrics)
+                         StageStarted)
 from core.train import checkpoint as ckpt
 from core.train import distributed as D
+from core.train.interrupt import StopSignals
 from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
 from core.train.data import BatchPlan
 from core.train.inputs import STAGE, build_draft, check_fingerprint, load_offline, load_online
@@ -83,22 +85,33 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
 
 
 def train(cfg: TrainConfig, events: EventSink | None = None) -> TrainResult:
-    """Train (or resume) an EAGLE-3 draft per `cfg`; only rank 0 emits events and writes files."""
+    """Train (or resume) an EAGLE-3 draft per `cfg`; only rank 0 emits events and writes files.
+
+    SIGINT / SIGTERM: the current optimizer step finishes and is checkpointed, then
+    KeyboardInterrupt is raised (exit code 130); `resume=True` continues from that step.
+    """
     cfg.validate()
     env = D.init_distributed(cfg.device)
     prev_det = torch.are_deterministic_algorithms_enabled()
     try:
-        if env.device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        return _Trainer(cfg, env, events if env.is_main and events is not None else NullSink()).run()
+        with StopSignals() as stop:
+            if env.device.type == "cpu":
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            sink = events if env.is_main and events is not None else NullSink()
+            result = _Trainer(cfg, env, sink, stop).run()
+        if stop.requested:  # during the last step or after it: the run is complete, but the
+            sink(Log(stage=STAGE, level="warning",  # caller (e.g. the pipeline) must stop too
+                     message=f"interrupted by {stop.name} as the run finished (step {result.steps})"))
+            raise KeyboardInterrupt
+        return result
     finally:
         torch.use_deterministic_algorithms(prev_det)
         D.shutdown(env)
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, env: D.DistEnv, events: EventSink):
-        self.cfg, self.env, self.events = cfg, env, events
+    def __init__(self, cfg: TrainConfig, env: D.DistEnv, events: EventSink, stop: StopSignals):
+        self.cfg, self.env, self.events, self.stop = cfg, env, events, stop
         self.run_dir = cfg.run_dir
         from core.model.attention import resolve_backend
 
@@ -239,6 +252,10 @@ class _Trainer:
         return acc.reduce(env)
 
     def _save(self, step: int) -> Path | None:
+        with self.stop.saving():  # a further signal must not abandon the checkpoint half-way
+            return self._save_checkpoint(step)
+
+    def _save_checkpoint(self, step: int) -> Path | None:
         cfg, env = self.cfg, self.env
         model_sd = D.full_model_state(self.root, self.draft, cfg.fsdp, PREFIX)
         optim_sd = D.full_optim_state(self.root, self.draft, self.optim, cfg.fsdp, PREFIX)
@@ -269,6 +286,7 @@ class _Trainer:
         train_time = 0.0
         m: dict[str, float] = {}
         last_ckpt = None
+        self.stop.deferred = True  # from here on a signal stops at the next step boundary
         for step in range(self.start_step, self.total):
             t0 = time.monotonic()
             m = self._train_step(step)
@@ -285,6 +303,8 @@ class _Trainer:
                                  rate=(done - self.start_step) / max(1e-9, time.monotonic() - t_start),
                                  extra={"tokens_per_s": m["tokens_per_s"], "loss": m["loss"]}))
             last = done == self.total
+            if not last and self.stop.agreed(self.env.distributed, self.env.device):
+                self._stop_at(done)  # every process agrees on `done`: none waits on another
             if done % cfg.resolved_eval_every() == 0 or last:
                 v = self._log_val(done)
                 val_first = val_first or v
@@ -310,6 +330,17 @@ class _Trainer:
             self.log.close()
         self.events(StageFinished(stage=STAGE, summary=result.summary()))
         return result
+
+    def _stop_at(self, step: int) -> None:
+        """Checkpoint the finished step `step` (no validation: stop soon) and end the run."""
+        path = self._save(step)
+        if self.log is not None:
+            self.log.close()
+        why = self.stop.name or "a signal to another process"
+        self.events(Log(stage=STAGE, level="warning", message=(
+            f"interrupted by {why}: stopped after step {step} of {self.total}, saved {path}; "
+            f"continue with --resume")))
+        raise KeyboardInterrupt
 
     def _log_val(self, step: int) -> dict[str, float] | None:
         v = self._validate()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from core.errors import EagleError, OutputExistsError, SettingsMismatchError, UsageError
+from core.errors import EXIT_INTERRUPTED, EagleError, OutputExistsError, SettingsMismatchError, UsageError
 from core.events import EventSink, StageFailed, StageFinished, event_from_dict
 from core.manifest import diff_settings, load_manifest
 from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
@@ -43,44 +45,90 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> None:
 
 
 def torchrun_argv(cfg: TrainConfig) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return [sys.executable, "-m", "core.train.torchrun", "--standalone",
             "--nproc-per-node", str(cfg.nproc), "-m", "core.train.launch", json.dumps(cfg.to_dict())]
 
 
 def run_torchrun(cfg: TrainConfig, events: EventSink) -> dict[str, Any]:
-    """Run the training under torchrun; returns the StageFinished summary."""
+    """Run the training under torchrun; returns the StageFinished summary.
+
+    torchrun runs in its own session, so a signal meant for this process group (Ctrl-C in a
+    terminal, Cancel in the TUI) reaches it once: this process forwards the first SIGINT / SIGTERM
+    to torchrun, which forwards it to its workers; they save the step they are on and exit, and
+    their last events are still relayed before KeyboardInterrupt is raised here. If this process
+    dies, torchrun gets SIGTERM (PR_SET_PDEATHSIG) and the workers stop the same way.
+    """
     check_output_dir(cfg, cfg.nproc)
     env = dict(os.environ)
     # torchrun would pin every worker to 1 thread; share this machine's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
-    proc = subprocess.Popen(torchrun_argv(cfg), stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+    proc = subprocess.Popen(torchrun_argv(cfg), stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+                            start_new_session=True, preexec_fn=_set_pdeathsig)
     summary: dict[str, Any] | None = None
     failed: StageFailed | None = None
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                ev = event_from_dict(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                print(line, end="", file=sys.stderr)
-                continue
-            if isinstance(ev, StageFailed):
-                failed = ev
-                continue  # the CLI reports the failure itself
-            if isinstance(ev, StageFinished):
-                summary = ev.summary
-            events(ev)
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()
-        raise
+    with _ForwardSignals(proc) as forwarded:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                try:
+                    ev = event_from_dict(json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    print(line, end="", file=sys.stderr)
+                    continue
+                if isinstance(ev, StageFailed):
+                    failed = ev
+                    continue  # the CLI reports the failure itself
+                if isinstance(ev, StageFinished):
+                    summary = ev.summary
+                events(ev)
+            rc = proc.wait()
+        except BaseException:  # e.g. the sink failed: torchrun must not outlive us
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+            raise
+    if forwarded.signum is not None or rc in (-signal.SIGINT, -signal.SIGTERM, EXIT_INTERRUPTED):
+        raise KeyboardInterrupt
     if failed is not None:
         err = EagleError(failed.message)
         err.exit_code = failed.exit_code
         raise err
     if rc != 0 or summary is None:
-        if rc in (-2, 130):
-            raise KeyboardInterrupt
         raise EagleError(f"torchrun exited with code {rc} before the training finished",
                          hint="see the worker output above")
     return summary
+
+
+class _ForwardSignals:
+    """Forward the first SIGINT / SIGTERM to torchrun; later ones are dropped (torchrun is already
+    stopping its workers, and a second signal would make it abandon them)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_ForwardSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
+
+
+def _set_pdeathsig() -> None:  # runs in the child before exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

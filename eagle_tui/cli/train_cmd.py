@@ -26,19 +26,11 @@ run on every node
   torchrun --nnodes NODES --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500
   --nproc-per-node GPUS $(which eagle) --events jsonl train ...same options...
 
+Ctrl-C / SIGTERM: the current step finishes and is checkpointed (every process agrees on the step),
+then exit 130; --resume continues from it.
+
 Exit codes: 0 ok, 1 failure, 2 bad arguments or input, 130 interrupted (then --resume).
 """
-
-
-def _ints(value: Optional[str], name: str) -> Optional[list[int]]:
-    if value is None:
-        return None
-    from core.errors import UsageError
-
-    try:
-        return [int(x) for x in value.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise UsageError(f"{name} {value!r}: expected comma-separated integers, e.g. 1,15,28") from None
 
 
 def _betas(value: str) -> tuple[float, float]:
@@ -113,7 +105,7 @@ def register(app: typer.Typer) -> None:
             output_dir=str(output_dir), target=target, data=data, cache=cache, data_split=split,
             messages_column=messages_column, data_limit=limit, val_data=val_data,
             val_fraction=val_fraction, vocab=vocab, draft_vocab_size=draft_vocab_size,
-            aux_layer_ids=_ints(aux_layers, "--aux-layers"), max_length=max_length,
+            aux_layer_ids=common.int_list(aux_layers, "--aux-layers"), max_length=max_length,
             num_layers=num_layers, ttt_length=ttt_length, decay=decay, attention=attention, lr=lr,
             warmup_ratio=warmup_ratio, betas=_betas(betas), weight_decay=weight_decay,
             grad_clip=grad_clip, grad_accum=grad_accum, max_tokens_per_batch=max_tokens_per_batch,
