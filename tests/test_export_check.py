@@ -126,8 +126,6 @@ def test_nemo_checkpoint_and_pickles_and_runs(good, tmp_path):
 
 
 def test_speculators_folder_checks(good, tmp_path):
-    from core.export.check import check_folder
-
     cfg, t = good
     layer = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                                  "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",

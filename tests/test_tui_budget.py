@@ -62,12 +62,12 @@ def test_cache_estimate_is_core_budget_arithmetic(tmp_path):
 
 async def test_panel_says_no_gpu_plainly_and_shows_gpus(tmp_path):
     app = make_app(tmp_path)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE):
         text = flat(app.screen.query_one(BudgetPanel), 44)
         assert "no GPU detected: runs on CPU" in text and "500.0 GB free" in text
     gpus = [GpuInfo("NVIDIA H100", 80 * GB, 80 * GB)]
     app = make_app(tmp_path, system=fixed_system(gpus=gpus))
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE):
         panel = app.screen.query_one(BudgetPanel)
         assert "1× NVIDIA H100, 80.0 GB each" in flat(panel, 44)
         assert not panel.has_class("-warn")

@@ -99,8 +99,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def wait_for(pred, what: str):
     """An async poll for Pilot tests (bounded by iterations, not wall-clock assertions)."""
-    import asyncio
-
     async def _wait(pilot, tries: int = 400):
         for _ in range(tries):
             if pred():

@@ -16,7 +16,7 @@ from core.errors import InputDataError, UsageError
 from core.events import EventSink, NullSink, StageFinished, StageStarted
 from core.export.check import CheckReport, check_folder, render_report
 from core.export.convert import ConvertConfig, ConvertResult, convert_checkpoint
-from core.export.format import (CONFIG, META, chat_template_hash, draft_config_from_serving,
+from core.export.format import (CONFIG, chat_template_hash, draft_config_from_serving,
                                 read_export, write_export)
 
 __all__ = ["ExportConfig", "ExportResult", "export_draft", "check_folder", "CheckReport",

@@ -139,7 +139,7 @@ class RegenRun:
 
     # -- the run ---------------------------------------------------------------------------
     async def main(self) -> RegenResult:
-        cfg, t0 = self.cfg, time.monotonic()
+        t0 = time.monotonic()
         for stray in self.out.glob(".*.tmp"):  # temp files of writes cut by a kill
             stray.unlink(missing_ok=True)
         self.journal.load()
@@ -172,7 +172,7 @@ class RegenRun:
             if conv.index in self.journal.entries:
                 continue
             try:
-                slots = plan(conv.messages, cfg.turns)
+                plan(conv.messages, cfg.turns)  # raises Skip for a conversation with nothing to send
             except Skip as s:
                 self._record({"index": conv.index, "status": SKIPPED, "reason": s.reason,
                               "attempts": 0})
