@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from feature_support import SENTENCES  # plain data, no heavy imports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,14 +28,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France? Paris is the capital of France.",
-    "Speculative decoding drafts tokens with a small model and verifies them with the target.",
-    "def add(a, b):\n    return a + b\n",
-    "Hello! How can I help you today? Sure, here is a short answer.",
-    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation: , . ; : ! ? ( ) [ ] { }",
-] * 20
+_CORPUS = SENTENCES * 20  # what the tiny tokenizer is trained on
 
 
 def build_tiny_tokenizer(out_dir: Path, chat_template: str = CHATML_TEMPLATE):
