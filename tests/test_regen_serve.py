@@ -85,7 +85,14 @@ def test_target_server_command_serves_until_interrupted(tiny_target, tmp_path):
         assert [m["role"] for m in multi["messages"]] == ["user", "assistant", "user", "assistant"]
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            log = (tmp_path / "s.log").read_text(errors="replace")[-3000:]
+            pytest.fail(f"target-server did not stop on SIGINT\nstdout: {out[-2000:]}\n"
+                        f"stderr: {err[-3000:]}\nserver log: {log}")
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     assert code == 130 and not listening(port)
 
