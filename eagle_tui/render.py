@@ -10,11 +10,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from core import events as ev
 
 
+# Training logs about 20 lines of these per run, like a Trainer's logging_steps; every metric of every
+# step is in the run's metrics.jsonl (and `--events jsonl`).
+TRAIN_LOG_KEYS = ("loss", "acc_0", "tau_sim", "lr", "grad_norm", "tokens_per_s", "epoch")
+
+
+def _fmt(k: str, v: object) -> str:
+    return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+
+
 class ConsoleSink:
     def __init__(self) -> None:
         self.console = Console(stderr=False)
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
+        self.totals: dict[str, int | None] = {}  # stage -> total work, to thin out per-step lines
         self.interactive = sys.stdout.isatty()
 
     def _bar(self, stage: str, total: int | None, unit: str):
@@ -28,6 +38,11 @@ class ConsoleSink:
             self.tasks[stage] = self.progress.add_task(f"{stage} ({unit})", total=total, info="")
         return self.tasks[stage]
 
+    def _log_step(self, stage: str, step: int) -> bool:
+        total = self.totals.get(stage)
+        every = max(1, total // 20) if total else 1
+        return step == 1 or step % every == 0 or step == total
+
     def _stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -37,6 +52,7 @@ class ConsoleSink:
         if isinstance(e, ev.StageStarted):
             self.console.print(f"[bold cyan]▶ {e.stage}[/] started"
                                + (f" ({e.total} {e.unit})" if e.total is not None else ""))
+            self.totals[e.stage] = e.total
             self._bar(e.stage, e.total, e.unit)
         elif isinstance(e, ev.Progress):
             t = self._bar(e.stage, e.total, e.unit)
@@ -50,8 +66,11 @@ class ConsoleSink:
         elif isinstance(e, ev.SampleFailed):
             self.console.print(f"  [yellow]sample {e.index} failed:[/] {e.reason}")
         elif isinstance(e, ev.StepMetrics):
-            m = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.metrics.items())
-            self.console.print(f"  [{e.split}] step {e.step}: {m}")
+            if e.split == "train" and not self._log_step(e.stage, e.step):
+                return
+            keys = [k for k in TRAIN_LOG_KEYS if k in e.metrics] if e.split == "train" else list(e.metrics)
+            m = " ".join(_fmt(k, e.metrics[k]) for k in keys)
+            self.console.print(f"  \\[{e.split}] step {e.step}: {m}")
         elif isinstance(e, ev.CheckpointSaved):
             self.console.print(f"  checkpoint step {e.step} → {e.path}")
         elif isinstance(e, ev.Log):

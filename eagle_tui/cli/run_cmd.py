@@ -23,10 +23,10 @@ def demo_config(quick: bool, workdir: str, data_file: str):
     cfg.target.device = "cpu"
     cfg.dataset.source = data_file
     cfg.dataset.shuffle_seed = None  # evaluation takes the prompts right after the training rows
-    cfg.dataset.limit = 12 if quick else 48
+    cfg.dataset.limit = 48 if quick else 200
     cfg.regen.launch = "transformers"
     cfg.regen.concurrency = 8
-    cfg.regen.max_new_tokens = 48 if quick else 128
+    cfg.regen.max_new_tokens = 96 if quick else 160
     cfg.regen.shard_size = 16
     cfg.vocab.draft_vocab_size = 8192
     cfg.features.mode = "offline"
@@ -36,12 +36,12 @@ def demo_config(quick: bool, workdir: str, data_file: str):
     cfg.train.ttt_length = 3
     cfg.train.lr = 5e-4
     cfg.train.warmup_ratio = 0.05
-    cfg.train.epochs = 4 if quick else 10
+    cfg.train.epochs = 8 if quick else 10
     cfg.train.max_tokens_per_batch = cfg.features.max_length * 2
     cfg.train.val_fraction = 0.1
     cfg.train.save_every = 100
-    cfg.eval.num_prompts = 3 if quick else 8
-    cfg.eval.max_new_tokens = 32 if quick else 64
+    cfg.eval.num_prompts = 4 if quick else 12
+    cfg.eval.max_new_tokens = 48 if quick else 64
     cfg.eval.num_draft_tokens = 3
     return cfg.validate()
 
