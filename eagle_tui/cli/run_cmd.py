@@ -12,7 +12,7 @@ from eagle_tui.cli import common
 
 
 def demo_config(quick: bool, workdir: str, data_file: str):
-    """The demo on the embedded defaults, sized for a 2-core CPU (about 15 min, --quick about 3).
+    """The demo on the embedded defaults, sized for a 2-core CPU (about 12 min, --quick about 2).
 
     `data_file` holds short ShareGPT conversations: the first `dataset.limit` train the draft, the
     ones after them are the held-out evaluation prompts.
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(
-        quick: bool = typer.Option(False, "--quick", help="A ~3 minute version (fewer, shorter samples)."),
+        quick: bool = typer.Option(False, "--quick", help="A ~2 minute version (fewer, shorter samples)."),
         workdir: str = typer.Option("eagle-demo", "--workdir", help="Where the demo writes everything."),
         plan: bool = typer.Option(False, "--plan", help="Print the budget and exit."),
         write_only: bool = typer.Option(False, "--write-only", help="Write the demo config and exit."),
@@ -140,8 +140,8 @@ def register(app: typer.Typer) -> None:
         """The whole pipeline on CPU with the embedded SmolLM2-135M-Instruct and ShareGPT samples.
 
         Writes WORKDIR/demo.yaml (the same file `eagle run` reads) and runs it; re-running continues
-        where an earlier demo stopped (the demo always resumes). About 15 minutes on 2 cores
-        (--quick about 3).
+        where an earlier demo stopped (the demo always resumes). About 12 minutes on 2 cores
+        (--quick about 2).
         """
         from core.runconfig import RunConfig
 
