@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -178,13 +177,13 @@ def part1(n: int, repeats: int, work: Path) -> list[dict]:
 
 # -- part 2: tokens/s against transformers serve ---------------------------------------------------
 def tiny_model(work: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("eagle_test_conftest", REPO / "tests" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(REPO / "tests"))  # the test fixtures' tiny model builders
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
     d = work / "tiny"
     d.mkdir()
-    tok = mod.build_tiny_tokenizer(d)
-    mod.build_tiny_llama(d, vocab_size=len(tok))
+    tok = build_tiny_tokenizer(d)
+    build_tiny_llama(d, vocab_size=len(tok))
     return d
 
 
