@@ -98,4 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    import signal
+
+    # A shell starting us with `&` (no job control, e.g. CI scripts) leaves SIGINT ignored; a SIGINT
+    # sent to us is still a request to stop cleanly with exit code 130, so take it back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())
