@@ -4,9 +4,9 @@ Each line is written and flushed to the OS as soon as its sample finishes, so a 
 only the requests still in flight. fsync is immediate with `sync_every_s=0`, else grouped: the
 runner calls `sync()` off the event loop every `sync_every_s` (a per-line fsync blocked the loop
 for ~6 ms per sample on a busy disk). A power cut can then cost the last second of finished
-samples, which are simply sent again: shards are rebuilt from the journal, never trusted alone. A kill in the middle of a write can leave a
-torn last line: `load` drops it and truncates the file back to the last complete line before new
-lines are appended. A bad line anywhere else is real corruption and is reported by line number.
+samples, which are simply sent again: shards are rebuilt from the journal, never trusted alone.
+A kill in the middle of a write can leave a torn last line: `load` drops it and truncates the file
+back to the last complete line before new lines are appended. A bad line anywhere else is real corruption and is reported by line number.
 The last entry for an index wins (a failed sample retried with --retry-failed).
 """
 

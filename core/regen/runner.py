@@ -58,6 +58,7 @@ class RegenRun:
                           "attempts": 0} for b in report.bad_rows]
         self.journal = Journal(self.out / WORK_DIR / "journal.jsonl", sync_every_s=cfg.journal_sync_s)
         self.n_shards = (len(convs) + cfg.shard_size - 1) // cfg.shard_size
+        self.pos_of = {c.index: p for p, c in enumerate(convs)}  # sample index -> input position
         self.requested = self.tokens_now = 0
         self.seal_lock = asyncio.Lock()
 
@@ -67,7 +68,6 @@ class RegenRun:
 
     def _index_counters(self) -> None:
         """Status counts and unfinished samples per shard, kept up to date by `_record`."""
-        self.pos_of = {c.index: p for p, c in enumerate(self.convs)}
         self.counts = {DONE: 0, FAILED: 0, SKIPPED: 0}
         self.remaining = [len(self._shard_positions(k)) for k in range(self.n_shards)]
         for idx, e in self.journal.entries.items():
@@ -143,17 +143,16 @@ class RegenRun:
         for stray in self.out.glob(".*.tmp"):  # temp files of writes cut by a kill
             stray.unlink(missing_ok=True)
         self.journal.load()
-        unknown = set(self.journal.entries) - {c.index for c in self.convs}
+        unknown = self.journal.entries.keys() - self.pos_of.keys()
         if unknown:
             raise CorruptDataError(f"{self.journal.path} records samples that are not in the input "
                                    f"(e.g. index {min(unknown)})",
                                    hint="the input changed since the first run; use a new output directory")
         self.stale: set[int] = set()  # sealed shards whose failed samples are sent again
         if self.cfg.retry_failed:  # forget the failures in memory; the file keeps them until
-            pos_of = {c.index: p for p, c in enumerate(self.convs)}  # the new outcome is appended
             for idx in [i for i, e in self.journal.entries.items() if e["status"] == FAILED]:
-                del self.journal.entries[idx]
-                self.stale.add(pos_of[idx] // self.cfg.shard_size)
+                del self.journal.entries[idx]  # the new outcome is appended
+                self.stale.add(self.pos_of[idx] // self.cfg.shard_size)
         self._index_counters()
         if self.journal.torn_bytes:
             self.events(Log(stage=STAGE, level="warning", message=(

@@ -7,7 +7,6 @@ about earlier work, warns when the budget does not fit, then starts `eagle run C
 
 from __future__ import annotations
 
-
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
