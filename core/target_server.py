@@ -122,7 +122,8 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
-def _set_pdeathsig() -> None:  # runs in the child before exec
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when this process dies (Linux), even by kill -9."""
     try:
         import ctypes
 
@@ -226,7 +227,7 @@ def start_target_server(backend: str, model: str, host: str = "127.0.0.1", port:
     server = TargetServer(backend, model, host, port, argv, log_path, _log_file=log_file)
     server.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env,
-                                   start_new_session=True, preexec_fn=_set_pdeathsig)
+                                   start_new_session=True, preexec_fn=die_with_parent)
     atexit.register(server.stop)
     probe = f"http://{host}:{port}{READY_PATH[backend]}"
     deadline = time.monotonic() + ready_timeout

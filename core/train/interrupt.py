@@ -23,12 +23,28 @@ import torch
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def handling(handler: Any) -> Iterator[None]:
+    """`handler` for SIGINT and SIGTERM while the block runs, then the previous handlers again.
+    Handlers live in the main thread only: elsewhere (a thread running the pipeline) a no-op."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            # None: the previous handler was not installed from Python; the default is closest
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None  # the first signal received
         self.deferred = False
         self._saving = False
-        self._previous: dict[int, Any] = {}
+        self._handling = handling(self._handle)
 
     @property
     def requested(self) -> bool:
@@ -39,16 +55,11 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # handlers live there only
-            for s in STOP_SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+        self._handling.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s, h in self._previous.items():
-            # None: the previous handler was not installed from Python; the default is closest
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-        self._previous.clear()
+        self._handling.__exit__(*exc)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ from core.errors import EXIT_INTERRUPTED, EagleError, OutputExistsError, Setting
 from core.events import EventSink, StageFailed, StageFinished, event_from_dict
 from core.manifest import diff_settings, load_manifest
 from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
+from core.target_server import die_with_parent
+from core.train.interrupt import handling
 
 
 def check_output_dir(cfg: TrainConfig, world_size: int) -> None:
@@ -63,10 +64,11 @@ def run_torchrun(cfg: TrainConfig, events: EventSink) -> dict[str, Any]:
     # torchrun would pin every worker to 1 thread; share this machine's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
     proc = subprocess.Popen(torchrun_argv(cfg), stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
-                            start_new_session=True, preexec_fn=_set_pdeathsig)
+                            start_new_session=True, preexec_fn=die_with_parent)
     summary: dict[str, Any] | None = None
     failed: StageFailed | None = None
-    with _ForwardSignals(proc) as forwarded:
+    forwarded = _Forward(proc)
+    with handling(forwarded):
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -99,36 +101,17 @@ def run_torchrun(cfg: TrainConfig, events: EventSink) -> dict[str, Any]:
     return summary
 
 
-class _ForwardSignals:
+class _Forward:
     """Forward the first SIGINT / SIGTERM to torchrun; later ones are dropped (torchrun is already
     stopping its workers, and a second signal would make it abandon them)."""
 
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_ForwardSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-    def _handle(self, signum: int, frame: object) -> None:
+    def __call__(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
             if self.proc.poll() is None:
                 self.proc.send_signal(signum)
 
-
-def _set_pdeathsig() -> None:  # runs in the child before exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
