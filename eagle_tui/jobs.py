@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from textual.message import Message
 
 from core import events as ev
+from eagle_tui.render import fmt_value
 
 # How the TUI starts `eagle`: the interpreter running the TUI, so the same venv is used.
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-c", "from eagle_tui.cli import entry; entry()")
@@ -181,14 +182,10 @@ class JobState:
                 s.done = s.total
             self.add_log(f"✔ {e.stage} finished", "bold green")
             if e.stage != PIPELINE and e.summary:
-                self.add_log("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in e.summary.items()), "green")
+                self.add_log("  " + ", ".join(f"{k}={fmt_value(v)}" for k, v in e.summary.items()), "green")
         elif isinstance(e, ev.StageFailed):
             s.status, self.error = "failed", e.message
             self.add_log(f"✘ {e.stage} failed: {e.message}", "bold red")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class JobChanged(Message):

@@ -15,8 +15,9 @@ from core import events as ev
 TRAIN_LOG_KEYS = ("loss", "acc_0", "tau_sim", "lr", "grad_norm", "tokens_per_s", "epoch")
 
 
-def _fmt(k: str, v: object) -> str:
-    return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+def fmt_value(v: object) -> str:
+    """A metric or summary value for people: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class ConsoleSink:
@@ -69,7 +70,7 @@ class ConsoleSink:
             if e.split == "train" and not self._log_step(e.stage, e.step):
                 return
             keys = [k for k in TRAIN_LOG_KEYS if k in e.metrics] if e.split == "train" else list(e.metrics)
-            m = " ".join(_fmt(k, e.metrics[k]) for k in keys)
+            m = " ".join(f"{k}={fmt_value(e.metrics[k])}" for k in keys)
             self.console.print(f"  \\[{e.split}] step {e.step}: {m}")
         elif isinstance(e, ev.CheckpointSaved):
             self.console.print(f"  checkpoint step {e.step} → {e.path}")
@@ -80,7 +81,7 @@ class ConsoleSink:
             self._stop()
             self.console.print(f"[bold green]✔ {e.stage}[/] finished")
             for k, v in e.summary.items():
-                self.console.print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+                self.console.print(f"  {k}: {fmt_value(v)}")
         elif isinstance(e, ev.StageFailed):
             self._stop()
             self.console.print(f"[bold red]✘ {e.stage}[/] failed: {e.message}")

@@ -11,6 +11,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from eagle_tui.jobs import StageView
+from eagle_tui.render import fmt_value
 from eagle_tui.widgets.estimates import fmt_time
 
 MAX_SHARD_ROWS = 12
@@ -133,5 +134,5 @@ def summary_text(summary: dict[str, Any], pipeline: bool = False) -> Text:
     for k, v in items:
         out.append(f"{k}: ", style="bold")
         style = "green" if k == "lossless" and v is True else "bold red" if k == "lossless" else ""
-        out.append((f"{v:.4g}" if isinstance(v, float) else str(v)) + "\n", style=style)
+        out.append(fmt_value(v) + "\n", style=style)
     return out
