@@ -126,6 +126,16 @@ def test_fp8_aux_and_topk_error_bounds(tiny_target, data, tmp_path, reference):
         tv_excess.append(float((tv - (1 - mass)).abs().max()))
         assert torch.equal(r["position_mask"], f.position_mask)
         torch.testing.assert_close(r["target_probs"].sum(-1), torch.ones(len(p)))
+        # training reads the same rows sparse: (ids, probs) [T, k] that scatter to the dense row
+        sp = reader.get(i, dense_targets=False)
+        assert "target_probs" not in sp and sp["target_topk_ids"].shape == (len(p), 8)
+        dense = torch.zeros_like(p).scatter_(1, sp["target_topk_ids"], sp["target_topk_probs"])
+        torch.testing.assert_close(dense, r["target_probs"], rtol=1e-6, atol=1e-7)
+    from core.train.data import OfflineSource
+
+    batch = OfflineSource(reader, [0, 1], MAX_LEN).batch([0, 1], torch.device("cpu"))
+    n = len(feats[0].target_probs) + len(feats[1].target_probs)
+    assert "target_probs" not in batch and batch["target_topk_probs"].shape == (1, n, 8)
     # per-token relative L2 error of the 8-bit aux: well under the 2^-4 element bound
     assert max(rel_errs) < 0.05
     assert max(tv_excess) < 2e-3

@@ -1,4 +1,8 @@
-"""Read an offline cache: sample i -> dense float32 features, UNSHIFTED (index t describes position t).
+"""Read an offline cache: sample i -> float32 features, UNSHIFTED (index t describes position t).
+
+`reader[i]` gives dense draft-vocab target rows; `reader.get(i, dense_targets=False)` keeps a top-k
+cache's targets as (ids, renormalised probs) [T, k] (what training reads: the loss consumes them
+directly, so no [T, Vd] row is ever built).
 
 Shards are memory-mapped (safetensors `safe_open`), checked against the manifest's sha256 the
 first time they are opened, and their tensors against the layout; any failure is a
@@ -17,6 +21,7 @@ import torch
 
 from core.cache import layout
 from core.cache.layout import CacheDims, StorageOptions
+from core.cache import quant
 from core.cache.quant import fp8_dequantize, topk_expand
 from core.errors import CorruptDataError, InputDataError, UsageError
 from core.manifest import load_manifest, sha256_file
@@ -160,6 +165,11 @@ class CacheReader:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """input_ids int64 [T], loss_mask bool [T], aux_hidden f32 [T, 3Ht], target_probs f32 [T, Vd],
         position_mask bool [T], sample_index int (position in the input dataset)."""
+        return self.get(i)
+
+    def get(self, i: int, dense_targets: bool = True) -> dict[str, torch.Tensor]:
+        """reader[i]; with dense_targets=False a top-k cache gives target_topk_ids int64 [T, k] and
+        target_topk_probs f32 [T, k] (each row renormalised to sum 1, as the dense row) instead."""
         r = self.raw(i)
         if self.storage.aux_dtype == "fp8":
             aux = fp8_dequantize(r["aux_fp8"], r["aux_scale"])
@@ -168,6 +178,12 @@ class CacheReader:
         if self.storage.target_store == "probs":
             probs = r["target_probs"].float()
             probs = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        elif self.storage.target_store == "topk" and not dense_targets and topk_expand is quant.topk_expand:
+            # (a swapped-in expansion, e.g. bench/cache_accept.py's, is honoured by the dense branch)
+            v = r["topk_values"].float()
+            probs = None
+            sparse = {"target_topk_ids": r["topk_indices"].long(),
+                      "target_topk_probs": v / v.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)}
         elif self.storage.target_store == "topk":
             probs = topk_expand(r["topk_values"], r["topk_indices"], self.dims.draft_vocab_size)
         else:
@@ -176,9 +192,14 @@ class CacheReader:
             h = self._head
             probs = probs_from_final_hidden(r["final_hidden"], h["norm_weight"], h["eps"],
                                             h["lm_head_rows"], h["lm_head_bias"])
-        return {"input_ids": r["input_ids"].long(), "loss_mask": r["loss_mask"].to(torch.bool),
-                "aux_hidden": aux, "target_probs": probs, "position_mask": r["position_mask"].to(torch.bool),
-                "sample_index": int(r["sample_index"][0])}
+        out = {"input_ids": r["input_ids"].long(), "loss_mask": r["loss_mask"].to(torch.bool),
+               "aux_hidden": aux, "position_mask": r["position_mask"].to(torch.bool),
+               "sample_index": int(r["sample_index"][0])}
+        if probs is None:
+            out.update(sparse)
+        else:
+            out["target_probs"] = probs
+        return out
 
     def verify_all(self) -> None:
         """Open (and checksum) every shard; raises CorruptDataError naming the first bad one."""

@@ -5,7 +5,10 @@ feature extractor / cache reader give them, several documents possibly packed pe
 
   input_ids      int64 [B, T]        token x(t)
   aux_hidden     float [B, T, 3*Ht]  target aux states at t (they have seen x<=t)
-  target_probs   float [B, T, Vd]    the target's distribution for x(t+1), restricted to the draft vocab
+  target_probs   float [B, T, Vd]    the target's distribution for x(t+1), restricted to the draft vocab,
+                                     or, instead, its top k as two fields (p zero off the k ids):
+  target_topk_ids   int64 [B, T, k]  draft ids
+  target_topk_probs float [B, T, k]  their probabilities (the loss never expands them to Vd)
   position_mask  bool  [B, T]        the target's full-vocab argmax at t lies inside the draft vocab
   loss_mask      int/bool [B, T]     1 on supervised (assistant) tokens x(t)
   position_ids   int64 [B, T]        position inside its document (restarts at 0 per packed document)
@@ -31,7 +34,8 @@ draft vocab count as misses (the draft cannot propose that token), as in SpecFor
 tau_sim = 1 + sum_k prod_{j<=k} acc_j (the +1 is the bonus token engines count).
 
 Only supervised rows reach the norm + lm_head (draft vocab Vd): no full-vocab tensor and no
-logits for unsupervised positions are ever built.
+logits for unsupervised positions are ever built, and the head + loss run in row chunks that keep
+no [N, Vd] logits for backward (core.model.loss).
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ import torch
 
 from core.errors import UsageError
 from core.model.attention import TTTAttention, resolve_backend
+from core.model.loss import head_soft_ce_sum, target_argmax
 
-REQUIRED_KEYS = ("input_ids", "aux_hidden", "target_probs", "position_mask", "loss_mask", "position_ids")
+REQUIRED_KEYS = ("input_ids", "aux_hidden", "position_mask", "loss_mask", "position_ids")
+TOPK_KEYS = ("target_topk_ids", "target_topk_probs")
 
 
 @dataclass
@@ -110,8 +116,10 @@ def _check_batch(batch: dict) -> tuple[int, int]:
     missing = [k for k in REQUIRED_KEYS if k not in batch]
     if missing:
         raise UsageError(f"TTT batch lacks {', '.join(missing)}")
+    if "target_probs" not in batch and not all(k in batch for k in TOPK_KEYS):
+        raise UsageError(f"TTT batch lacks target_probs (or {' + '.join(TOPK_KEYS)})")
     b, t = batch["input_ids"].shape
-    for k in REQUIRED_KEYS + ("doc_ids", "attention_mask"):
+    for k in REQUIRED_KEYS + ("target_probs", *TOPK_KEYS, "doc_ids", "attention_mask"):
         v = batch.get(k)
         if v is not None and tuple(v.shape[:2]) != (b, t):
             raise UsageError(f"TTT batch field {k} has shape {tuple(v.shape)}, expected [{b}, {t}, ...]")
@@ -167,6 +175,22 @@ def soft_cross_entropy_sum(logits: torch.Tensor, probs: torch.Tensor) -> torch.T
     return _SoftCrossEntropySum.apply(logits.float(), probs.float().detach())
 
 
+def _flat_targets(batch: dict, rows: int, vd: int) -> tuple[torch.Tensor, ...]:
+    """(dense [rows, Vd],) or (ids [rows, k], probs [rows, k]), checked against the draft vocab."""
+    if "target_probs" in batch:
+        p = batch["target_probs"]
+        if p.shape[-1] != vd:
+            raise UsageError(f"target_probs cover {p.shape[-1]} ids, the draft vocab has {vd}")
+        return (p.reshape(rows, vd),)
+    ids, probs = (batch[k] for k in TOPK_KEYS)
+    if ids.shape != probs.shape:
+        raise UsageError(f"target_topk_ids {tuple(ids.shape)} and target_topk_probs {tuple(probs.shape)} differ")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vd):
+        raise UsageError(f"target_topk_ids outside the draft vocab [0, {vd})")
+    k = ids.shape[-1]
+    return ids.reshape(rows, k), probs.reshape(rows, k)
+
+
 def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8,
                      attention_backend: str = "auto", skip_unsupervised: bool = True) -> TTTOutput:
     """Unrolled TTT forward over a packed batch (contract and alignment in the module docstring).
@@ -180,9 +204,7 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
         raise UsageError(f"loss decay must be in (0, 1], got {decay}")
     b, t = _check_batch(batch)
     cfg = draft.config
-    vd = batch["target_probs"].shape[-1]
-    if vd != cfg.draft_vocab_size:
-        raise UsageError(f"target_probs cover {vd} ids, the draft vocab has {cfg.draft_vocab_size}")
+    targets = _flat_targets(batch, b * t, cfg.draft_vocab_size)
     device = draft.fc.weight.device
     input_ids = batch["input_ids"].to(device)
     doc = doc_ids_from_batch(batch).to(device)
@@ -190,7 +212,7 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
     loss_mask = batch["loss_mask"].to(device).bool() & real
     position_mask = batch["position_mask"].to(device).bool()
     position_ids = batch["position_ids"].to(device).long()
-    probs_flat = batch["target_probs"].to(device).reshape(b * t, vd)
+    targets = tuple(x.to(device) for x in targets)
 
     backend = resolve_backend(attention_backend, device)
     attn = TTTAttention(doc, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, backend)
@@ -237,11 +259,11 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
         count = int(sup_rows.numel())
         if count:
             local = sup_rows if rows_k is None else torch.searchsorted(rows_k, sup_rows)
-            logits = draft.compute_logits(out_flat[local])  # [N, Vd]
-            target = probs_flat[sup_rows + n]
-            loss_sum = soft_cross_entropy_sum(logits, target)
+            target = tuple(x[sup_rows + n] for x in targets)
+            target = target[0] if len(target) == 1 else target
+            loss_sum, pred = head_soft_ce_sum(draft.norm(out_flat[local]), draft.lm_head.weight, target)
             with torch.no_grad():
-                correct = int((logits.argmax(-1) == target.argmax(-1)).sum())
+                correct = int((pred == target_argmax(target)).sum())
         else:
             # zero that still touches every parameter (DDP expects each one to get a gradient)
             loss_sum = draft.compute_logits(out_flat[:1]).float().sum() * 0.0

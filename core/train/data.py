@@ -130,7 +130,7 @@ class BatchPlan:
 def collate(docs: Sequence[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
     """Concatenate per-document tensors into one packed row [1, T] plus position/document ids."""
     out: dict[str, torch.Tensor] = {}
-    for key in ("input_ids", "loss_mask", "aux_hidden", "target_probs", "position_mask"):
+    for key in ("input_ids", "loss_mask", "aux_hidden", *target_keys(docs[0]), "position_mask"):
         out[key] = torch.cat([d[key].to(device) for d in docs]).unsqueeze(0)
     lengths = [int(d["input_ids"].shape[0]) for d in docs]
     out["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
@@ -139,6 +139,13 @@ def collate(docs: Sequence[dict[str, torch.Tensor]], device: torch.device) -> di
     out["loss_mask"] = out["loss_mask"].to(torch.bool)
     out["position_mask"] = out["position_mask"].to(torch.bool)
     return out
+
+
+def target_keys(doc: dict) -> tuple[str, ...]:
+    """The target fields a document carries: dense target_probs, or top-k ids + probs."""
+    if "target_probs" in doc:
+        return ("target_probs",)
+    return ("target_topk_ids", "target_topk_probs")
 
 
 class OnlineSource:
@@ -181,11 +188,15 @@ class OfflineSource:
 
     def batch(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
         docs = []
+        from core.cache.reader import CacheReader
+
+        get = self.reader.get if isinstance(self.reader, CacheReader) else None
         for i in indices:
-            s = self.reader[self.sample_ids[i]]
+            # a top-k cache stays top-k (the loss reads it sparse): no [T, Vd] rows per batch
+            s = get(self.sample_ids[i], dense_targets=False) if get else self.reader[self.sample_ids[i]]
             n = self._lengths[i]
             docs.append({k: s[k][:n] for k in ("input_ids", "loss_mask", "aux_hidden",
-                                                "target_probs", "position_mask")})
+                                                *target_keys(s), "position_mask")})
         return collate(docs, device)
 
 

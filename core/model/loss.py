@@ -1,0 +1,121 @@
+"""The draft head and its soft cross-entropy in one chunked pass: no [N, Vd] tensor is kept.
+
+`head_soft_ce_sum(h, weight, target)` = sum over rows of -sum_v p_v * log_softmax(h @ weight.T)_v,
+with the target either dense `p` [N, Vd] or sparse top-k `(ids [N, k], probs [N, k])` (p zero
+off the k ids, as the cache reader's renormalised top-k rows are). Per row that is
+mass * lse(z) - sum_v p_v z_v, mass = sum_v p_v; its gradient in z is softmax(z) * mass - p.
+
+Forward and backward walk the rows in chunks of about CHUNK_ELEMS logits and recompute each
+chunk's logits in backward, so what is saved is h, the target and one log-sum-exp per row:
+memory grows with the rows and k, never with rows x Vd (at Vd 32000 an 8k-row step would keep
+about 1 GB of fp32 logits per TTT step otherwise).
+
+Under autocast (bf16 on CUDA) the two matmuls run in the autocast dtype, exactly where the plain
+`F.linear` would; log-sum-exp, loss and the gradient in z stay float32, the weight's gradient is
+accumulated in float32 (the master weights' dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMS = 1 << 25  # logits per chunk: 128 MB in float32
+
+
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def target_argmax(target) -> torch.Tensor:
+    """Draft id of each row's most probable target token (lowest id among ties, as argmax)."""
+    if isinstance(target, torch.Tensor):
+        return target.argmax(-1)
+    ids, probs = target
+    top = probs.max(-1, keepdim=True).values
+    big = torch.iinfo(torch.long).max
+    return torch.where(probs == top, ids.long(), torch.full_like(ids, big, dtype=torch.long)).min(-1).values
+
+
+def _dot_target(z: torch.Tensor, target, a: int, b: int) -> torch.Tensor:
+    """sum_v p_v z_v per row of chunk [a, b)."""
+    if isinstance(target, torch.Tensor):
+        return (target[a:b].to(z.dtype) * z).sum(-1)
+    ids, probs = target
+    return (z.gather(1, ids[a:b].long()) * probs[a:b].to(z.dtype)).sum(-1)
+
+
+def _sub_target(g: torch.Tensor, target, a: int, b: int) -> torch.Tensor:
+    if isinstance(target, torch.Tensor):
+        return g.sub_(target[a:b].to(g.dtype))
+    ids, probs = target
+    return g.scatter_add_(1, ids[a:b].long(), -probs[a:b].to(g.dtype))
+
+
+def _mass(target, dtype: torch.dtype) -> torch.Tensor:
+    p = target if isinstance(target, torch.Tensor) else target[1]
+    return p.to(dtype).sum(-1)
+
+
+class _HeadSoftCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, chunk, dense, ids, probs):
+        target = dense if dense is not None else (ids, probs)
+        dt = _mm_dtype(h)
+        acc = torch.promote_types(dt, torch.float32)  # float32, or float64 for float64 inputs
+        dev = h.device.type
+        n = h.shape[0]
+        lse = torch.empty(n, dtype=acc, device=h.device)
+        dot = torch.empty(n, dtype=acc, device=h.device)
+        pred = torch.empty(n, dtype=torch.long, device=h.device)
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(dt)
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                zc = h[a:b].to(dt) @ w.t()
+                pred[a:b] = zc.argmax(-1)
+                z = zc.to(acc)
+                lse[a:b] = torch.logsumexp(z, -1)
+                dot[a:b] = _dot_target(z, target, a, b)
+        mass = _mass(target, acc)
+        ctx.save_for_backward(h, weight, lse, mass, dense, ids, probs)
+        ctx.chunk, ctx.dt, ctx.acc = chunk, dt, acc
+        ctx.mark_non_differentiable(pred)
+        return (lse * mass - dot).sum(), pred
+
+    @staticmethod
+    def backward(ctx, grad, _grad_pred):
+        h, weight, lse, mass, dense, ids, probs = ctx.saved_tensors
+        target = dense if dense is not None else (ids, probs)
+        dt, acc, chunk, dev = ctx.dt, ctx.acc, ctx.chunk, h.device.type
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(dt)
+            for a in range(0, h.shape[0], chunk):
+                b = min(h.shape[0], a + chunk)
+                hc = h[a:b].to(dt)
+                z = (hc @ w.t()).to(acc)
+                g = z.sub_(lse[a:b, None]).exp_().mul_(mass[a:b, None])
+                g = _sub_target(g, target, a, b).mul_(grad).to(dt)
+                if need_h:
+                    gh[a:b] = (g @ w).to(h.dtype)
+                if need_w:
+                    gw.add_(g.t() @ hc)  # float32 accumulation over chunks
+        return gh, (gw.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def head_soft_ce_sum(h: torch.Tensor, weight: torch.Tensor, target,
+                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, predicted draft id per row) of rows h [N, H] through `weight` [Vd, H].
+
+    target: dense probabilities [N, Vd] or (ids [N, k], probs [N, k]); treated as constants.
+    """
+    chunk = chunk_rows or max(1, CHUNK_ELEMS // weight.shape[0])
+    if isinstance(target, torch.Tensor):
+        return _HeadSoftCE.apply(h, weight, chunk, target.detach(), None, None)
+    ids, probs = target
+    return _HeadSoftCE.apply(h, weight, chunk, None, ids.detach(), probs.detach())
