@@ -4,7 +4,8 @@ Every output directory holds `manifest.json`: the format version, the content se
 hash), per-shard records (file, sample count, sha256) and free-form extra fields. Files are written
 to a temporary name and `os.replace`d, so a crash never leaves a half-written file under its final
 name. `prepare_output_dir` applies the refusal rules: a non-empty directory without `resume` is
-refused; `resume` with different content settings is refused naming the differing fields.
+refused; `resume` with different content settings is refused naming the differing fields. It also
+takes the folder's writer lock (core.locking) first, so the rules are checked by the one writer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from core import locking
 from core.errors import CorruptDataError, OutputExistsError, SettingsMismatchError, UsageError
 
 MANIFEST = "manifest.json"
@@ -40,22 +42,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def has_output(directory: str | os.PathLike) -> bool:
+    """True if the folder holds anything besides our writer-lock file."""
+    d = Path(directory)
+    return d.is_dir() and any(p.name != locking.LOCK_FILE for p in d.iterdir())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync and `os.replace` it into place."""
+    """Yield a temporary path beside `path`; on success fsync and `os.replace` it into place.
+    A full disk is re-raised as an OSError naming `path` (writers such as pyarrow and
+    safetensors name no file); the temporary file is removed either way."""
+    from core.disk import naming_full_disk
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with naming_full_disk(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -141,11 +154,15 @@ def prepare_output_dir(directory: str | os.PathLike, kind: str, format_version: 
     """Apply the refusal rules and return (manifest, resumed).
 
     Without `resume`, any non-empty directory is refused. With `resume`, the stored content
-    settings must equal `settings`; otherwise the differing fields are named.
+    settings must equal `settings`; otherwise the differing fields are named. The folder's writer
+    lock is taken first and kept until the process exits (core.locking); a folder of someone
+    else's files (no manifest, no lock file) is refused without leaving a lock file in it.
     """
     d = Path(directory)
+    if not has_output(d) or (d / MANIFEST).exists() or locking.lock_path(d).exists():
+        locking.acquire(d)
     existing = load_manifest(d) if d.exists() else None
-    non_empty = d.exists() and any(d.iterdir())
+    non_empty = has_output(d)
     if existing is not None and resume:
         if existing.kind != kind:
             raise UsageError(f"{d} holds a '{existing.kind}' output, not '{kind}'")

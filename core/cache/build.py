@@ -127,6 +127,11 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
         "compute_dtype": dtype,
     }
     out = Path(cfg.output_dir)
+    from core import budget, disk  # the shards' exact size against the free space, before any write
+
+    est = budget.estimate_cache_bytes(layout.CacheDims(int(hf_cfg.get_text_config().hidden_size), vocab.draft_vocab_size),
+                                      opts, [len(s[1]) for s in samples], cfg.shard_size, vocab_size)
+    disk.check_free(out, est.total_bytes - disk.bytes_under(out), f"the cache ({len(samples)} samples)")
     manifest, resumed = prepare_output_dir(out, "cache", layout.FORMAT_VERSION, settings, cfg.resume)
     if not resumed or not (out / "vocab.json").exists():
         vocab.save(out)

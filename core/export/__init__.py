@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import disk, locking
 from core.errors import InputDataError, UsageError
 from core.events import EventSink, NullSink, StageFinished, StageStarted
 from core.export.check import CheckReport, check_folder, render_report
-from core.export.convert import ConvertConfig, ConvertResult, convert_checkpoint
+from core.export.convert import ConvertConfig, ConvertResult
+from core.export.convert import convert_checkpoint as _convert_checkpoint
 from core.export.format import (CONFIG, chat_template_hash, draft_config_from_serving,
                                 read_export, write_export)
 
@@ -101,7 +103,34 @@ def _from_run(source: Path) -> tuple[dict, dict, dict, dict]:
     return cfg, state, produced_by, target
 
 
+def export_lock_file(output_dir: str | Path) -> Path:
+    """An export folder appears whole (staged beside it, then renamed into place), so its writer
+    lock (core.locking) lives beside it: `.NAME.eagle.lock`."""
+    out = Path(output_dir).absolute()
+    return out.parent / f".{out.name}{locking.LOCK_FILE}"
+
+
+def export_bytes(state: dict[str, Any], dtype: str) -> int:
+    """Bytes of the serving weights: the state's tensors, floats at the export dtype."""
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype)
+    return sum(t.numel() * (size if size and t.is_floating_point() else t.element_size())
+               for t in state.values()) + 64 * 1024  # + config, metadata, safetensors header
+
+
 def export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportResult:
+    """Write a serving folder from a run, checkpoint or serving folder (one writer at a time)."""
+    cfg.validate()  # bad arguments leave no lock file behind
+    with locking.held(cfg.output_dir, export_lock_file(cfg.output_dir)):
+        return _export_draft(cfg, events)
+
+
+def convert_checkpoint(cfg: ConvertConfig, events: EventSink | None = None) -> ConvertResult:
+    """`eagle export --from`: core.export.convert.convert_checkpoint, one writer at a time."""
+    with locking.held(cfg.output_dir, export_lock_file(cfg.output_dir)):
+        return _convert_checkpoint(cfg, events)
+
+
+def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportResult:
     from core.serve import find_checkpoint
 
     events = events or NullSink()
@@ -127,6 +156,7 @@ def export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportRe
     target = _target_info(cfg.target, recorded)
     if draft_cfg.get("target_num_hidden_layers") is None and target.get("num_hidden_layers"):
         draft_cfg["target_num_hidden_layers"] = int(target["num_hidden_layers"])
+    disk.check_free(cfg.output_dir, export_bytes(state, cfg.dtype), f"the export to {cfg.output_dir}")
     if cfg.format == "speculators":
         from core.export.speculators import write_speculators_export
 

@@ -3,6 +3,8 @@
 Order matters (design rule 4): validate the config and the backend -> apply the output-directory
 refusal rules -> load the conversations -> create or reopen the output -> (start a server) -> run.
 Nothing is written and no socket is opened before the arguments are known to be good.
+The output folder's writer lock is taken with it (core.locking) and given back at the end; the
+disk estimate is checked before anything is written; a full disk is reported naming the file.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core import disk, locking
 from core.errors import OutputExistsError, SettingsMismatchError
 from core.events import EventSink, Log, NullSink
-from core.manifest import diff_settings, load_manifest, prepare_output_dir
+from core.manifest import diff_settings, has_output, load_manifest, prepare_output_dir
 from core.regen.client import AllServersDeadError
 from core.regen.config import FORMAT_VERSION, RegenConfig
 from core.regen.runner import STAGE, WORK_DIR, RegenResult, RegenRun
@@ -32,7 +35,10 @@ def _input_fingerprint(convs: list) -> str:
 def _precheck_output(cfg: RegenConfig, settings: dict[str, Any]) -> None:
     """The refusal rules, checked before the (possibly slow) input load."""
     d = Path(cfg.output_dir)
-    if not d.exists() or not any(d.iterdir()):
+    who = locking.holder(d)  # a second writer is told now, not after loading the input
+    if who is not None and not locking.is_held(d):
+        raise locking.FolderLockedError(str(d), who)
+    if not has_output(d):
         return
     if not cfg.resume:
         raise OutputExistsError(f"{d} already holds earlier output",
@@ -44,8 +50,37 @@ def _precheck_output(cfg: RegenConfig, settings: dict[str, Any]) -> None:
             raise SettingsMismatchError(str(d), diff)
 
 
+BYTES_PER_TOKEN = 4  # UTF-8 bytes of an answer token, about (English text)
+
+
+def disk_estimate(convs: list, cfg: RegenConfig) -> int:
+    """Upper bound on the bytes a regeneration writes: per sample its journal line (conversation
+    + answers of max_new_tokens) and its shard row (conversation twice + answers, zstd halves
+    text at least)."""
+    total = 0
+    for c in convs:
+        text = sum(len(str(m.get("content") or "").encode()) + 32 for m in c.messages)
+        turns = 1 if cfg.turns == "last" else max(1, sum(m.get("role") == "assistant" for m in c.messages))
+        answer = cfg.max_new_tokens * BYTES_PER_TOKEN * turns
+        total += (text + answer + 256) + (2 * text + answer) // 2
+    return total
+
+
 def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult:
     """The one public entry of the regen stage (see the module docstring)."""
+    had_lock = locking.is_held(cfg.output_dir)
+    try:
+        return _regenerate(cfg, events)
+    except Exception as e:
+        if disk.first_full_disk(e) is not None and not isinstance(e, disk.DiskSpaceError):
+            raise disk.full_disk_error(e, cfg.output_dir) from e
+        raise
+    finally:
+        if not had_lock:
+            locking.release(cfg.output_dir)
+
+
+def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
     events = events or NullSink()
     cfg.validate()
     if cfg.launch:
@@ -66,6 +101,8 @@ def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult
                     shuffle_seed=cfg.shuffle_seed, limit=cfg.limit, strict=cfg.strict)
     convs, report = load_conversations(spec, events=events)
     fingerprint = _input_fingerprint(convs)
+    disk.check_free(cfg.output_dir, disk_estimate(convs, cfg) - disk.bytes_under(cfg.output_dir),
+                    f"regenerating {len(convs)} samples (answers of up to {cfg.max_new_tokens} tokens)")
     manifest, resumed = prepare_output_dir(cfg.output_dir, "regen", FORMAT_VERSION, settings,
                                            cfg.resume)
     old = manifest.extra.get("input_fingerprint")

@@ -8,6 +8,8 @@ samples, which are simply sent again: shards are rebuilt from the journal, never
 A kill in the middle of a write can leave a torn last line: `load` drops it and truncates the file
 back to the last complete line before new lines are appended. A bad line anywhere else is real corruption and is reported by line number.
 The last entry for an index wins (a failed sample retried with --retry-failed).
+A write that fails (a full disk) is cut back to the last whole line, so the journal stays loadable,
+and the error names the file.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Journal:
         self.entries: dict[int, dict[str, Any]] = {}
         self.torn_bytes = 0  # size of a dropped torn tail, for the resume report
         self._f = None
+        self._good = 0  # file size after the last whole line
 
     def load(self) -> dict[int, dict[str, Any]]:
         """Read existing entries, dropping (and truncating away) a torn last line."""
@@ -70,13 +73,21 @@ class Journal:
 
     def open(self) -> "Journal":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing behind
+        self._good = os.fstat(self._f.fileno()).st_size
         return self
 
     def append(self, entry: dict[str, Any]) -> None:
         assert self._f is not None, "Journal.open() first"
-        self._f.write((json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
-        self._f.flush()
+        data = (json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._f.write(view):]
+        except OSError as e:
+            os.ftruncate(self._f.fileno(), self._good)  # drop a partial line; needs no space
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        self._good += len(data)
         if self.sync_every_s <= 0:
             os.fsync(self._f.fileno())
         else:

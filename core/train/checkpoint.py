@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from core.errors import CorruptDataError, InputDataError
+from core import disk
 from core.manifest import load_manifest, read_json, write_bytes_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -141,9 +142,13 @@ def save_checkpoint(run_dir: str | Path, step: int, draft_state: dict[str, torch
         shutil.rmtree(tmp)
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in draft_state.items() if k != EMBED_KEY}
-    save_file(weights, str(tmp / DRAFT_FILE), metadata={"step": str(step)})
+    disk.check_free(root, _tensor_bytes(weights.values()) + _tensor_bytes(  # draft + AdamW state
+        v for st in optim_state.get("state", {}).values() for v in st.values()), f"checkpoint step {step}", during_run=True)
+    with disk.naming_full_disk(tmp / DRAFT_FILE):
+        save_file(weights, str(tmp / DRAFT_FILE), metadata={"step": str(step)})
     o_tensors, o_meta = flatten_optimizer_state(optim_state)
-    save_file(o_tensors, str(tmp / OPTIM_FILE), metadata={"step": str(step)})
+    with disk.naming_full_disk(tmp / OPTIM_FILE):
+        save_file(o_tensors, str(tmp / OPTIM_FILE), metadata={"step": str(step)})
     for name, obj in ((OPTIM_META, o_meta), (STATE_FILE, {**state, "step": step}),
                       (DRAFT_CONFIG, draft_config)):
         (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
@@ -164,6 +169,10 @@ def save_checkpoint(run_dir: str | Path, step: int, draft_state: dict[str, torch
     write_bytes_atomic(run_dir / LATEST, f"{CHECKPOINTS}/{step_dir_name(step)}\n".encode())
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def _tensor_bytes(values) -> int:
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)) + (1 << 20)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

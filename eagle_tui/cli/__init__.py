@@ -90,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     except EagleError as e:
         if common.debug_enabled():
             raise
-        return _fail(str(e), e.exit_code)
+        return _fail(common.error_line(e, sys.argv[1:] if argv is None else argv), e.exit_code)
     except Exception as e:  # unexpected: one line unless --debug
         if common.debug_enabled():
             raise
+        from core.disk import first_full_disk, full_disk_error
+
+        if first_full_disk(e) is not None:  # ENOSPC from a step that did not name the file itself
+            err = full_disk_error(e, "(unnamed file)")
+            return _fail(common.error_line(err, sys.argv[1:] if argv is None else argv), err.exit_code)
         return _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_FAILURE)
 
 

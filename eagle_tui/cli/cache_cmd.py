@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit"),
         shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed"),
         resume: bool = common.ResumeOpt,
+        ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
         """Run the target once over a dataset and store its features for offline training.
 

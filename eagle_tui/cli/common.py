@@ -48,6 +48,44 @@ def echo(msg: str = "") -> None:
 
 
 ResumeOpt = typer.Option(False, "--resume", help="Continue the work found in the output directory.")
+
+
+def _ignore_disk_check(value: bool) -> bool:
+    if value:  # an environment variable, so torchrun workers and `eagle run`'s steps see it too
+        from core.disk import IGNORE_ENV
+
+        os.environ[IGNORE_ENV] = "1"
+    return value
+
+
+IgnoreDiskOpt = typer.Option(False, "--ignore-disk-check", callback=_ignore_disk_check,
+                             help="Start even if the free disk space looks too small for the step's "
+                             "estimate.")
+
+RESUMABLE = {"regen", "vocab", "cache", "train", "run"}  # commands that take --resume
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same one, with --resume where it applies."""
+    import shlex
+
+    args = list(argv)
+    cmd = next((a for a in args if not a.startswith("-") and a in RESUMABLE | {"demo", "export", "eval"}),
+               None)
+    if cmd in RESUMABLE and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["eagle", *args])
+
+
+def error_line(err: Exception, argv: list[str]) -> str:
+    """The one-line message for an error; a step stopped by the disk says how to continue."""
+    from core.disk import DiskSpaceError
+
+    if isinstance(err, DiskSpaceError) and err.during_run:
+        return f"{err.message}; free some space, then run: {resume_command(argv)}"
+    return str(err)
+
+
 EventsOpt = Optional[str]
 
 

@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         num_spec_tokens: int = typer.Option(3, "--num-speculative-tokens", help="speculators format: "
                                             "speculative_tokens of the proposal method."),
         as_json: bool = typer.Option(False, "--json", help="--check: print the report as JSON."),
+        ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
         """Export a draft for serving, check a draft folder, or convert another tool's checkpoint.
 

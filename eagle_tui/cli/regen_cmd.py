@@ -123,6 +123,7 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", help="Use this many conversations."),
         strict: bool = typer.Option(False, "--strict", help="Fail at the first bad input row."),
         resume: bool = common.ResumeOpt,
+        ignore_disk_check: bool = common.IgnoreDiskOpt,
         retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: send the "
                                           "samples recorded as failed again."),
     ) -> None:

@@ -118,6 +118,7 @@ def register(app: typer.Typer) -> None:
         steps: Optional[str] = typer.Option(None, "--steps", help="Comma list of steps to run, among "
                                             "regen,cache,train,eval,export (default: all enabled)."),
         resume: bool = common.ResumeOpt,
+        ignore_disk_check: bool = common.IgnoreDiskOpt,
         plan: bool = typer.Option(False, "--plan", help="Print every step's disk / GPU / work budget "
                                   "and exit; nothing heavy runs."),
     ) -> None:
@@ -136,6 +137,7 @@ def register(app: typer.Typer) -> None:
         workdir: str = typer.Option("eagle-demo", "--workdir", help="Where the demo writes everything."),
         plan: bool = typer.Option(False, "--plan", help="Print the budget and exit."),
         write_only: bool = typer.Option(False, "--write-only", help="Write the demo config and exit."),
+        ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
         """The whole pipeline on CPU with the embedded SmolLM2-135M-Instruct and ShareGPT samples.
 

@@ -98,6 +98,7 @@ def register(app: typer.Typer) -> None:
         nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (spawns torchrun)."),
         fsdp: bool = typer.Option(False, "--fsdp", help="Shard the draft with FSDP instead of DDP."),
         resume: bool = common.ResumeOpt,
+        ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
         from core.train import TrainConfig
 
