@@ -49,14 +49,31 @@ def select_steps(cfg: RunConfig, steps: list[str] | None) -> list[str]:
     return [s for s in enabled if s in steps]  # always in pipeline order
 
 
+def exclude_file(cfg: RunConfig) -> str | None:
+    """The held-out conversations every training-side stage leaves out (None: none reserved)."""
+    return str(cfg.heldout_path()) if cfg.heldout_count() > 0 else None
+
+
 def training_data(cfg: RunConfig) -> dict[str, Any]:
-    """Where training data comes from: the regenerated set, or the dataset as configured."""
+    """Where training data comes from: the regenerated set, or the dataset as configured; the
+    held-out prompts are left out either way (regeneration never saw them; duplicates neither)."""
     if cfg.regen.enabled:
         return {"source": str(cfg.step_output_dir("regen")), "split": None, "messages_column": None,
-                "shuffle_seed": None, "limit": None}
+                "shuffle_seed": None, "limit": None, "exclude": exclude_file(cfg)}
     d = cfg.dataset
     return {"source": d.source, "split": d.split, "messages_column": d.messages_column,
-            "shuffle_seed": d.shuffle_seed, "limit": d.limit}
+            "shuffle_seed": d.shuffle_seed, "limit": d.limit, "exclude": exclude_file(cfg)}
+
+
+def reserve_eval_prompts(cfg: RunConfig, events: EventSink) -> None:
+    """Write WORKDIR/heldout.jsonl before anything trains (same bytes on every run and resume)."""
+    from core.data import DataSpec
+    from core.data.holdout import reserve_heldout
+
+    d = cfg.dataset
+    reserve_heldout(DataSpec(source=d.source, split=d.split, messages_column=d.messages_column,
+                             shuffle_seed=d.shuffle_seed, strict=d.strict),
+                    cfg.heldout_count(), cfg.heldout_path(), events)
 
 
 def _regen(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
@@ -67,7 +84,7 @@ def _regen(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict
                      servers=list(r.servers), launch=None if r.servers else r.launch,
                      launch_device=cfg.target.device, split=d.split, messages_column=d.messages_column,
                      shuffle_seed=d.shuffle_seed, limit=d.limit, strict=d.strict,
-                     shard_size=r.shard_size, max_new_tokens=r.max_new_tokens,
+                     exclude=exclude_file(cfg), shard_size=r.shard_size, max_new_tokens=r.max_new_tokens,
                      temperature=r.temperature, top_p=r.top_p, seed=r.seed, reasoning=r.reasoning,
                      turns=r.turns, concurrency=r.concurrency, request_timeout=r.request_timeout,
                      max_retries=r.max_retries, max_failure_rate=r.max_failure_rate, resume=resume)
@@ -85,7 +102,8 @@ def _cache(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict
                      batch_tokens=max(f.max_length, cfg.train.max_tokens_per_batch),
                      device=cfg.target.device, split=data["split"],
                      messages_column=data["messages_column"], shuffle_seed=data["shuffle_seed"],
-                     limit=data["limit"], strict=cfg.dataset.strict, resume=resume,
+                     limit=data["limit"], strict=cfg.dataset.strict, exclude=data["exclude"],
+                     resume=resume,
                      command="eagle run")
     return build_cache(cc.validate(), events).to_dict()
 
@@ -100,12 +118,17 @@ def train_config(cfg: RunConfig, target: str, resume: bool):
                   max_tokens_per_batch=t.max_tokens_per_batch, epochs=t.epochs,
                   max_steps=t.max_steps, seed=t.seed, save_every=t.save_every,
                   keep_last=t.keep_last, val_fraction=t.val_fraction, nproc=t.nproc,
-                  max_length=f.max_length, device=cfg.target.device, resume=resume)
+                  max_length=f.max_length, device=cfg.target.device, resume=resume,
+                  select_data=str(cfg.heldout_path()) if t.select_prompts else None,
+                  select_prompts=max(t.select_prompts, 1), select_draft_tokens=cfg.eval.num_draft_tokens,
+                  select_max_new_tokens=t.select_max_new_tokens, select_seconds=t.select_seconds)
     if f.mode == "offline":
         return TrainConfig(cache=str(cfg.step_output_dir("cache")), **common)
     data = training_data(cfg)
     return TrainConfig(target=target, data=data["source"], data_split=data["split"],
                        messages_column=data["messages_column"], data_limit=data["limit"],
+                       data_shuffle_seed=data["shuffle_seed"], data_strict=cfg.dataset.strict,
+                       data_exclude=data["exclude"],
                        draft_vocab_size=cfg.vocab.draft_vocab_size, aux_layer_ids=f.aux_layers,
                        **common)
 
@@ -123,15 +146,13 @@ def _train(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict
 def _eval(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
     from core.evaluate import EvalConfig, evaluate
 
-    d, e = cfg.dataset, cfg.eval
-    # Held-out prompts: the training rows are the first `limit` usable conversations of the
-    # dataset, so evaluation starts after them.
-    offset = d.limit if d.limit is not None and d.split is None and d.shuffle_seed is None else 0
-    ec = EvalConfig(target=target, draft=str(cfg.step_output_dir("train")), data=d.source,
+    e = cfg.eval
+    # The held-out file: its first train.select_prompts chose the checkpoint, so τ comes from the
+    # ones after them (never trained on, never used for a choice).
+    ec = EvalConfig(target=target, draft=str(cfg.step_output_dir("train")), data=str(cfg.heldout_path()),
                     num_prompts=e.num_prompts, num_draft_tokens=e.num_draft_tokens,
                     max_new_tokens=e.max_new_tokens, output=str(cfg.step_output_dir("eval")),
-                    split=d.split, messages_column=d.messages_column, offset=offset,
-                    device=cfg.target.device)
+                    offset=cfg.train.select_prompts, device=cfg.target.device)
     report = evaluate(ec, events)
     return {"output": ec.output, **report["summary"], "tau_sim": report.get("tau_sim")}
 
@@ -185,6 +206,8 @@ def run_pipeline(cfg: RunConfig, events: EventSink | None = None, steps: list[st
     events(StageStarted(stage=STAGE, total=len(todo), unit="steps",
                         settings={"steps": todo, "workdir": str(cfg.workdir_path()), "resume": resume}))
     target = resolve_target(cfg.target.model, events)
+    if cfg.heldout_count() > 0:
+        reserve_eval_prompts(cfg, events)
     result = PipelineResult()
     timings: dict[str, float] = {}
     for i, step in enumerate(todo):
@@ -206,7 +229,13 @@ def summarize(cfg: RunConfig, target: str, steps: dict[str, dict[str, Any]], tim
     if "eval" in steps:
         ev = steps["eval"]
         s.update(tau=ev.get("tau"), tau_sim=ev.get("tau_sim"), lossless=ev.get("lossless"),
-                 implied_speedup=ev.get("implied_speedup"), eval_report=ev.get("output"))
+                 accept_rate=ev.get("accept_rate"), implied_speedup=ev.get("implied_speedup"),
+                 measured_speedup=ev.get("measured_speedup"), prompt_set=ev.get("prompt_set"),
+                 num_draft_tokens=cfg.eval.num_draft_tokens, eval_report=ev.get("output"))
+    if "train" in steps:
+        st = steps["train"]  # train().to_dict() in one process, the summary from torchrun
+        best = st.get("best") or {"step": st.get("best_step"), "tau": st.get("best_heldout_tau")}
+        s.update(best_step=best.get("step"), best_heldout_tau=best.get("tau"))
     export_dir = cfg.step_output_dir("export")
     if (export_dir / "config.json").is_file():
         s["export"] = str(export_dir)

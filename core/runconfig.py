@@ -30,8 +30,12 @@ class DatasetSection:
     split: Optional[str] = None  # e.g. "train[:1000]"
     messages_column: Optional[str] = None
     shuffle_seed: Optional[int] = 0
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # training conversations (after the held-out ones are set aside)
     strict: bool = False
+    # Reserved for evaluation before anything trains (the first N after the split slice and the
+    # shuffle; written to WORKDIR/heldout.jsonl and kept out of every stage). Default:
+    # train.select_prompts + eval.num_prompts.
+    heldout: Optional[int] = None
 
 
 @dataclass
@@ -88,6 +92,10 @@ class TrainSection:
     seed: int = 0
     num_layers: int = 1
     nproc: int = 1
+    # real τ on this many held-out prompts at every checkpoint picks `best` (0: best = latest)
+    select_prompts: int = 4
+    select_max_new_tokens: int = 64
+    select_seconds: float = 120.0
     output_dir: Optional[str] = None
 
 
@@ -148,6 +156,14 @@ class RunConfig:
         base = getattr(self, "_base_dir", None)
         return w if w.is_absolute() or base is None else Path(base) / w
 
+    def heldout_count(self) -> int:
+        if self.dataset.heldout is not None:
+            return self.dataset.heldout
+        return self.train.select_prompts + (self.eval.num_prompts if self.eval.enabled else 0)
+
+    def heldout_path(self) -> Path:
+        return self.workdir_path() / "heldout.jsonl"
+
     def enabled_steps(self) -> list[str]:
         out = []
         if self.regen.enabled:
@@ -206,6 +222,13 @@ class RunConfig:
         check(t.num_layers >= 1, "train.num_layers", "must be >= 1")
         check(t.nproc >= 1, "train.nproc", "must be >= 1")
         check(self.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
+        check(t.select_prompts >= 0, "train.select_prompts", "must be >= 0")
+        check(t.select_max_new_tokens >= 1, "train.select_max_new_tokens", "must be >= 1")
+        check(t.select_seconds > 0, "train.select_seconds", "must be > 0")
+        need = t.select_prompts + (self.eval.num_prompts if self.eval.enabled else 0)
+        check(self.dataset.heldout is None or self.dataset.heldout >= need, "dataset.heldout",
+              f"must be >= train.select_prompts + eval.num_prompts = {need}: evaluation prompts are "
+              "held out, never trained on")
         check(self.eval.num_draft_tokens >= 1, "eval.num_draft_tokens", "must be >= 1")
         choice(self.export.format, "export.format", ("sglang", "speculators"))
         choice(self.serve.engine, "serve.engine", ("sglang", "vllm"))

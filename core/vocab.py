@@ -250,15 +250,18 @@ def load_token_counts(path: str | Path, target_vocab_size: int | None = None) ->
 
 
 # ---- from a dataset: the `eagle vocab` stage -----------------------------------------------------
-def tokenize_dataset(spec: Any, tokenizer: Any, events: Any = None, stage: str = "vocab"
+def tokenize_dataset(spec: Any, tokenizer: Any, events: Any = None, stage: str = "vocab",
+                     prompt_ids: dict[int, str] | None = None,
                      ) -> tuple[list[tuple[int, list[int], list[int]]], list[dict[str, Any]]]:
     """(index, input_ids, loss_mask) of each usable conversation, and the skipped ones with reasons.
 
     `spec` has the dataset fields of CacheConfig / VocabConfig (data, split, messages_column,
-    shuffle_seed, limit, strict, max_length). Conversations without supervised tokens (within
-    max_length) or that the chat template cannot render are skipped and reported, not fatal.
+    shuffle_seed, limit, strict, max_length, and optionally exclude). Conversations without
+    supervised tokens (within max_length) or that the chat template cannot render are skipped and
+    reported, not fatal. `prompt_ids`, when given, receives index -> prompt sha256 of every kept
+    sample (the record of which conversations trained a draft).
     """
-    from core.data import DataSpec, load_conversations
+    from core.data import DataSpec, load_conversations, prompt_sha256
     from core.events import NullSink, SampleFailed
     from core.tokenize import ChatTemplateError, template_markers, tokenize_conversation
 
@@ -270,7 +273,8 @@ def tokenize_dataset(spec: Any, tokenizer: Any, events: Any = None, stage: str =
         source = str(demo_dataset(events=events))
     convs, _report = load_conversations(
         DataSpec(source=source, split=spec.split, messages_column=spec.messages_column,
-                 shuffle_seed=spec.shuffle_seed, limit=spec.limit, strict=spec.strict), events=events)
+                 shuffle_seed=spec.shuffle_seed, limit=spec.limit, strict=spec.strict,
+                 exclude=getattr(spec, "exclude", None)), events=events)
     template_markers(tokenizer)  # a template that cannot work fails once, not per sample
     samples, skipped = [], []
     for conv in convs:
@@ -286,6 +290,8 @@ def tokenize_dataset(spec: Any, tokenizer: Any, events: Any = None, stage: str =
                             + (" within max_length" if len(tc.input_ids) >= spec.max_length else "")})
         else:
             samples.append((conv.index, list(tc.input_ids), list(tc.loss_mask)))
+            if prompt_ids is not None:
+                prompt_ids[conv.index] = prompt_sha256(conv.messages)
     for s in skipped:
         events(SampleFailed(stage=stage, index=s["index"], reason=s["reason"]))
     if not samples:
@@ -307,6 +313,7 @@ class VocabConfig:
     shuffle_seed: int | None = None
     limit: int | None = None
     strict: bool = False
+    exclude: str | None = None  # held-out conversations (JSONL) whose prompts are left out
     resume: bool = False
 
     def validate(self) -> "VocabConfig":

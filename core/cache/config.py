@@ -34,6 +34,7 @@ class CacheConfig:
     shuffle_seed: Optional[int] = None
     limit: Optional[int] = None
     strict: bool = False
+    exclude: Optional[str] = None  # held-out conversations (JSONL) whose prompts are left out
     resume: bool = False
     command: Optional[str] = None  # provenance: the command line that made it
     extra_provenance: dict[str, Any] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 
+from core.data.identity import prompt_messages, prompt_sha256
 from core.data.normalize import ROLES, RowProblem, to_messages
 from core.data.split import SplitSpec, parse_split
 from core.data.types import BadRow, Conversation, DataSpec, LoadReport
@@ -19,7 +20,7 @@ from core.errors import InputDataError
 from core.events import EventSink, Log, NullSink, Progress
 
 __all__ = ["DataSpec", "Conversation", "LoadReport", "BadRow", "load_conversations",
-           "normalize_row", "ROLES", "REASONS", "DEFAULT_MAX_CHARS", "SplitSpec", "parse_split"]
+           "normalize_row", "prompt_messages", "prompt_sha256", "ROLES", "REASONS", "DEFAULT_MAX_CHARS", "SplitSpec", "parse_split"]
 
 _BATCH = 1024
 
@@ -48,6 +49,11 @@ def load_conversations(spec: DataSpec, events: EventSink | None = None) -> tuple
                         rows_in_source=src.num_rows)
     events(Log(stage="data", message=f"reading {src.path} ({src.kind}, {src.num_rows} rows, "
                                      f"column {column!r}, {len(positions)} selected)"))
+    excluded = set()
+    if spec.exclude:
+        from core.data.identity import read_prompt_hashes
+
+        excluded = read_prompt_hashes(spec.exclude)
     conversations: list[Conversation] = []
     total = min(spec.limit, len(positions)) if spec.limit is not None else len(positions)
     cursor = 0
@@ -68,6 +74,9 @@ def load_conversations(spec: DataSpec, events: EventSink | None = None) -> tuple
                                               "rows are skipped and counted") from None
                 report.bad_rows.append(BadRow(index=index, reason=p.reason, detail=p.detail))
                 continue
+            if excluded and prompt_sha256(messages) in excluded:
+                report.excluded += 1
+                continue
             conversations.append(Conversation(index=index, messages=messages))
             if spec.limit is not None and len(conversations) >= spec.limit:
                 break
@@ -77,7 +86,8 @@ def load_conversations(spec: DataSpec, events: EventSink | None = None) -> tuple
                         extra={"rows_read": report.rows_read, "bad_rows": len(report.bad_rows)}))
     report.conversations = len(conversations)
     bad = ", ".join(f"{k}: {v}" for k, v in report.counts.items()) or "none"
+    held = f"; {report.excluded} held-out prompt(s) left out" if spec.exclude else ""
     events(Log(stage="data", level="warning" if report.bad_rows else "info",
                message=f"{report.conversations} conversations from {report.rows_read} rows; "
-                       f"bad rows skipped: {bad}"))
+                       f"bad rows skipped: {bad}{held}"))
     return conversations, report

@@ -25,6 +25,9 @@ class DataSpec:
     limit: stop once this many valid conversations are loaded (bad rows are skipped, counted).
     strict: fail at the first bad row instead of skipping it.
     max_chars: conversations longer than this (all turns' characters) are bad rows ("too long").
+    exclude: a JSONL file of conversations (e.g. a pipeline's heldout.jsonl) whose prompts are left
+        out, matched by prompt identity (core.data.identity) before `limit` counts: held-out
+        evaluation prompts, and their duplicates, never train.
     """
 
     source: str
@@ -34,6 +37,7 @@ class DataSpec:
     limit: int | None = None
     strict: bool = False
     max_chars: int = DEFAULT_MAX_CHARS
+    exclude: str | None = None
 
     def __post_init__(self) -> None:
         self.source = str(self.source)
@@ -70,6 +74,7 @@ class LoadReport:
     rows_in_source: int = 0
     rows_read: int = 0  # rows looked at (after split, shuffle; may stop early at `limit`)
     conversations: int = 0
+    excluded: int = 0  # valid rows left out because their prompt is in `DataSpec.exclude`
     bad_rows: list[BadRow] = field(default_factory=list)
 
     @property
@@ -82,5 +87,6 @@ class LoadReport:
         return {"source": self.source, "format": self.format,
                 "messages_column": self.messages_column, "rows_in_source": self.rows_in_source,
                 "rows_read": self.rows_read, "conversations": self.conversations,
+                "excluded": self.excluded,
                 "bad_rows_total": len(self.bad_rows), "bad_rows_by_reason": self.counts,
                 "bad_rows": [{"index": b.index, "reason": b.reason, "detail": b.detail} for b in rows]}

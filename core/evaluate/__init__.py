@@ -32,7 +32,9 @@ class EvalConfig:
     output: str | None = None
     split: str | None = None
     messages_column: str | None = None
-    offset: int = 0  # skip this many usable conversations first (keep training rows out)
+    offset: int = 0  # skip this many usable conversations first
+    checkpoint: str = "best"  # of a run: best (held-out τ), latest, or a step (step-N / N)
+    allow_trained_prompts: bool = False  # measure even on prompts the draft trained on (not held out)
     max_prompt_tokens: int = 1024
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
@@ -58,18 +60,13 @@ class EvalConfig:
         return self
 
 
-def prompt_messages(messages: list[dict]) -> list[dict] | None:
-    """The conversation up to (and including) its last user turn; None without a user turn."""
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    return None if last is None else messages[: last + 1]
-
-
-def load_prompts(cfg: EvalConfig, tokenizer: Any, events: EventSink) -> list[tuple[int, list[int]]]:
-    from core.data import DataSpec, load_conversations
+def load_prompts(cfg: EvalConfig, tokenizer: Any, events: EventSink) -> list[tuple[int, str, list[int]]]:
+    """(row index, prompt sha256, token ids) of the first `num_prompts` usable prompts."""
+    from core.data import DataSpec, load_conversations, prompt_messages, prompt_sha256
 
     convs, _report = load_conversations(DataSpec(source=cfg.data, split=cfg.split,
                                                  messages_column=cfg.messages_column), events)
-    out: list[tuple[int, list[int]]] = []
+    out: list[tuple[int, str, list[int]]] = []
     usable = 0
     for conv in convs:
         msgs = prompt_messages(conv.messages)
@@ -82,7 +79,7 @@ def load_prompts(cfg: EvalConfig, tokenizer: Any, events: EventSink) -> list[tup
         usable += 1
         if usable <= cfg.offset:
             continue
-        out.append((conv.index, list(ids)))
+        out.append((conv.index, prompt_sha256(conv.messages), list(ids)))
         if len(out) >= cfg.num_prompts:
             break
     if not out:
@@ -95,18 +92,47 @@ def load_prompts(cfg: EvalConfig, tokenizer: Any, events: EventSink) -> list[tup
     return out
 
 
+def trained_on_record(draft: str | Path) -> Path | None:
+    """The draft's record of the conversations it trained on (a run, a checkpoint of a run, or an
+    export made from one), or None when unknown (a third party's draft, an older run)."""
+    from core.data.identity import TRAINED_ON
+
+    p = Path(draft)
+    for cand in (p / TRAINED_ON, p.parent.parent / TRAINED_ON if p.parent.name == "checkpoints" else None):
+        if cand is not None and cand.is_file():
+            return cand
+    return None
+
+
+def check_held_out(cfg: EvalConfig, prompts: list[tuple[int, str, list[int]]]) -> tuple[set[str], Path | None]:
+    """(hashes of the prompts the draft trained on, its record); refuses unless allowed."""
+    from core.data.identity import read_prompt_list
+
+    record = trained_on_record(cfg.draft)
+    if record is None:
+        return set(), None
+    seen = {r.get("prompt_sha256") for r in read_prompt_list(record)}
+    trained = {h for _, h, _ in prompts if h in seen}
+    if trained and not cfg.allow_trained_prompts:
+        raise UsageError(f"{len(trained)} of {len(prompts)} evaluation prompts from {cfg.data} trained "
+                         f"the draft {cfg.draft} (its {record.name}): that τ would not be held out",
+                         hint="evaluate on held-out conversations (eagle run keeps them in "
+                              "WORKDIR/heldout.jsonl), or pass --allow-trained-prompts")
+    return trained, record
+
+
 def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
     """(draft, info) for a run / checkpoint or a serving folder."""
     from core.serve import find_checkpoint
 
     src = Path(cfg.draft)
-    if find_checkpoint(src) is not None:
+    if find_checkpoint(src, cfg.checkpoint) is not None:
         from core.export import run_tau_sim
         from core.train.checkpoint import load_draft_from_run
 
-        draft, info = load_draft_from_run(str(src), device=device, dtype=dtype)
+        draft, info = load_draft_from_run(str(src), device=device, dtype=dtype, which=cfg.checkpoint)
         return draft, {"kind": "run", "checkpoint": str(info.checkpoint_dir), "step": info.step,
-                       "tau_sim": run_tau_sim(info.run_dir)}
+                       "chosen": cfg.checkpoint, "tau_sim": run_tau_sim(info.run_dir)}
     from core.export import load_export_draft
 
     draft, _config, meta = load_export_draft(src, target,
@@ -114,6 +140,13 @@ def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[
     draft.to(device=device, dtype=dtype)
     return draft, {"kind": "export", "produced_by": meta.get("produced_by"),
                    "tau_sim": (meta.get("produced_by") or {}).get("tau_sim")}
+
+
+def eos_ids(tokenizer: Any, target: Any) -> set[int]:
+    """Ids that end generation: the tokenizer's eos and the target's generation config's."""
+    eos = {int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+    gen_eos = getattr(target.generation_config, "eos_token_id", None)
+    return eos | {int(t) for t in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if t is not None}
 
 
 def _check_compatible(draft: Any, target: Any) -> None:
@@ -148,19 +181,18 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cfg.target)
     prompts = load_prompts(cfg, tokenizer, events)
+    trained, record = check_held_out(cfg, prompts)
     target = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=dtype).to(device).eval()
     draft, dinfo = _load_draft(cfg, target, device, dtype)
     _check_compatible(draft, target)
-    eos = {int(t) for t in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
-    gen_eos = getattr(target.generation_config, "eos_token_id", None)
-    eos |= {int(t) for t in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if t is not None}
+    eos = eos_ids(tokenizer, target)
     capture = AuxCapture(target, draft.config.aux_layer_ids)
     events(StageStarted(stage=STAGE, total=len(prompts), unit="prompts",
                         settings={"k": cfg.num_draft_tokens, "device": str(device)}))
     meter = RateMeter(total=len(prompts))
     rows: list[dict[str, Any]] = []
     try:
-        for n, (index, ids) in enumerate(prompts):
+        for n, (index, sha, ids) in enumerate(prompts):
             x = torch.tensor([ids], device=device)
             t0 = time.perf_counter()
             ref = greedy_generate(target, x, cfg.max_new_tokens, eos)
@@ -170,7 +202,8 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
             diff = next((i for i, (a, b) in enumerate(zip(ref.tokens, spec.tokens)) if a != b), None)
             if diff is None and len(ref.tokens) != len(spec.tokens):
                 diff = min(len(ref.tokens), len(spec.tokens))
-            row = {"index": index, "prompt_tokens": len(ids), "generated_tokens": len(spec.tokens),
+            row = {"index": index, "prompt_sha256": sha,
+                   "trained_on": (sha in trained) if record is not None else None, "prompt_tokens": len(ids), "generated_tokens": len(spec.tokens),
                    "reference_tokens": len(ref.tokens), "iterations": len(spec.accept_lengths),
                    "tau": (sum(spec.accept_lengths) / len(spec.accept_lengths)) if spec.accept_lengths else None,
                    "accepted_drafts": spec.accepted_drafts, "accept_lengths": spec.accept_lengths,
@@ -194,6 +227,10 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
     finally:
         capture.close()
     summary = aggregate(rows, cfg.num_draft_tokens)
+    summary["prompt_set"] = {"data": cfg.data, "count": len(rows),
+                             "held_out": (len(rows) - len(trained)) if record is not None else None,
+                             "trained_on": len(trained) if record is not None else None,
+                             "record": str(record) if record is not None else None}
     timing_keys = ("target_forward_times", "draft_step_times", "draft_times", "verify_times")
     report = {
         "target": cfg.target, "draft": cfg.draft, "draft_info": dinfo, "data": cfg.data,
@@ -212,6 +249,6 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
         "tau": summary["tau"], "tau_sim": report["tau_sim"], "accept_rate": summary["accept_rate"],
         "cost_ratio": summary["cost_ratio"], "implied_speedup": summary["implied_speedup"],
         "measured_speedup": summary["measured_speedup"], "lossless": summary["lossless"],
-        "output": cfg.output}))
+        "prompt_set": summary["prompt_set"], "output": cfg.output}))
     report["text"] = render_summary(report)
     return report

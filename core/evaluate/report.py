@@ -36,14 +36,24 @@ def _safe_mean(xs: list[float]) -> float | None:
     return mean(xs) if xs else None
 
 
+def acceptance(accepted: list[int], k: int) -> dict[str, Any]:
+    """τ (bonus token counted) and acceptance per draft position from the number of accepted
+    draft tokens (0..k) of every verification."""
+    steps = len(accepted)
+    reached = [sum(1 for n in accepted if n >= i) for i in range(k)]
+    return {
+        "tau": (sum(n + 1 for n in accepted) / steps) if steps else None,
+        "verify_steps": steps,
+        "accept_rate": [sum(1 for n in accepted if n > i) / steps if steps else None for i in range(k)],
+        "conditional_accept_rate": [(sum(1 for n in accepted if n > i) / reached[i]) if reached[i]
+                                    else None for i in range(k)],
+    }
+
+
 def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """prompts: per-prompt dicts with accepted_drafts, accept_lengths, timings, lossless fields."""
-    accepted = [n for p in prompts for n in p["accepted_drafts"]]
-    steps = len(accepted)
-    accept_rate = [sum(1 for n in accepted if n > i) / steps if steps else None for i in range(k)]
-    reached = [sum(1 for n in accepted if n >= i) for i in range(k)]
-    cond = [(sum(1 for n in accepted if n > i) / reached[i]) if reached[i] else None for i in range(k)]
-    tau = (sum(n + 1 for n in accepted) / steps) if steps else None
+    acc = acceptance([n for p in prompts for n in p["accepted_drafts"]], k)
+    tau = acc["tau"]
     t_target = _safe_mean([t for p in prompts for t in p["target_forward_times"]])
     step_times = [t for p in prompts for t in p["draft_step_times"]]
     if not step_times:  # k == 1: only the step-0 pass, use the drafting phase time
@@ -59,10 +69,7 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     base_tps = base_tokens / base_wall if base_wall > 0 else None
     mismatches = [p for p in prompts if not p["lossless"]]
     return {
-        "tau": tau,
-        "verify_steps": steps,
-        "accept_rate": accept_rate,
-        "conditional_accept_rate": cond,
+        **acc,
         "target_forward_ms": t_target * 1e3 if t_target is not None else None,
         "draft_step_ms": t_draft * 1e3 if t_draft is not None else None,
         "verify_forward_ms": (_safe_mean([t for p in prompts for t in p["verify_times"]]) or 0) * 1e3,
@@ -77,6 +84,15 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     }
 
 
+def prompt_set_label(ps: dict[str, Any] | None) -> str:
+    """"12 held out", "3 of 12 trained on: not held out", or "training data unknown"."""
+    if not ps or ps.get("held_out") is None:
+        return "training data of the draft unknown"
+    if ps.get("trained_on"):
+        return f"{ps['trained_on']} of {ps['count']} trained on: NOT held out"
+    return f"{ps['held_out']} held out"
+
+
 def render_summary(report: dict[str, Any]) -> str:
     s = report["summary"]
 
@@ -84,14 +100,15 @@ def render_summary(report: dict[str, Any]) -> str:
         return "n/a" if x is None else fmt.format(x)
 
     lines = [
-        f"prompts {report['num_prompts']}, k={report['num_draft_tokens']}, device {report['device']}",
+        f"prompts {report['num_prompts']} ({prompt_set_label(s.get('prompt_set'))}), "
+        f"k={report['num_draft_tokens']}, greedy, device {report['device']}",
         f"tau (accept length, bonus incl.) {f(s['tau'])}   tau_sim (training) {f(report.get('tau_sim'))}",
         "accept rate by draft position: " + ", ".join(f(x, "{:.2f}") for x in s["accept_rate"]),
         f"draft step {f(s['draft_step_ms'], '{:.2f}')} ms / target forward "
         f"{f(s['target_forward_ms'], '{:.2f}')} ms = cost ratio {f(s['cost_ratio'])}",
-        f"implied speedup tau/(1+k*c) {f(s['implied_speedup'], '{:.2f}')}x; measured here "
-        f"{f(s['measured_speedup'], '{:.2f}')}x ({f(s['spec_tokens_per_s'], '{:.1f}')} vs "
-        f"{f(s['greedy_tokens_per_s'], '{:.1f}')} tokens/s)",
+        f"speedup measured here (wall clock, our transformers loop) {f(s['measured_speedup'], '{:.2f}')}x "
+        f"({f(s['spec_tokens_per_s'], '{:.1f}')} vs {f(s['greedy_tokens_per_s'], '{:.1f}')} tokens/s); "
+        f"implied tau/(1+k*c) {f(s['implied_speedup'], '{:.2f}')}x",
         "lossless: " + ("ok on every prompt" if s["lossless"] else
                         f"FAILED on {s['lossless_failures']} prompt(s)"),
     ]

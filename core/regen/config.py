@@ -31,6 +31,7 @@ class RegenConfig:
     shuffle_seed: Optional[int] = None
     limit: Optional[int] = None
     strict: bool = False
+    exclude: Optional[str] = None  # held-out conversations (JSONL) whose prompts are left out
     # content settings
     shard_size: int = 256
     max_new_tokens: int = 512

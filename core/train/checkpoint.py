@@ -6,6 +6,9 @@ Layout of a run directory:
     embed_tokens.safetensors           the target's frozen embedding matrix, stored once per run
     metrics.jsonl                      one JSON object per train / val step
     latest                             "checkpoints/step-N": written atomically after a checkpoint
+    best                               "checkpoints/step-N": the checkpoint with the highest held-out
+                                       real τ so far (best.json: its τ and step); kept when pruning
+    trained_on.jsonl                   index and prompt sha256 of every conversation it trained on
     checkpoints/step-N/
         draft.safetensors              the draft's state (export key names) without embed_tokens
         optimizer.safetensors          AdamW state tensors; optimizer.json: groups and scalars
@@ -37,6 +40,8 @@ from core.manifest import load_manifest, read_json, write_bytes_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
+BEST_INFO = "best.json"
 DRAFT_FILE = "draft.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 OPTIM_META = "optimizer.json"
@@ -136,14 +141,14 @@ def save_checkpoint(run_dir: str | Path, step: int, draft_state: dict[str, torch
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    disk.check_free(root, _tensor_bytes(v for k, v in draft_state.items() if k != EMBED_KEY) + _tensor_bytes(
+        v for st in optim_state.get("state", {}).values() for v in st.values()), f"checkpoint step {step}", during_run=True)
     final = root / step_dir_name(step)
     tmp = root / f".{step_dir_name(step)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in draft_state.items() if k != EMBED_KEY}
-    disk.check_free(root, _tensor_bytes(weights.values()) + _tensor_bytes(  # draft + AdamW state
-        v for st in optim_state.get("state", {}).values() for v in st.values()), f"checkpoint step {step}", during_run=True)
     with disk.naming_full_disk(tmp / DRAFT_FILE):
         save_file(weights, str(tmp / DRAFT_FILE), metadata={"step": str(step)})
     o_tensors, o_meta = flatten_optimizer_state(optim_state)
@@ -189,10 +194,10 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (never the one `latest` names) and
     leftovers of interrupted writes."""
     run_dir = Path(run_dir)
-    keep = latest_checkpoint(run_dir)
+    keep = {p.resolve() for p in (latest_checkpoint(run_dir), best_checkpoint(run_dir)) if p is not None}
     ckpts = list_checkpoints(run_dir)
     for _, p in ckpts[:-keep_last] if keep_last > 0 else []:
-        if keep is None or p.resolve() != keep.resolve():
+        if p.resolve() not in keep:
             shutil.rmtree(p, ignore_errors=True)
     for p in (run_dir / CHECKPOINTS).glob(".step-*"):
         shutil.rmtree(p, ignore_errors=True)
@@ -206,6 +211,40 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     d = Path(run_dir) / rel
     if not (d / STATE_FILE).exists():
         raise CorruptDataError(f"{p} points at {rel}, which is not a complete checkpoint")
+    return d
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `best` names, or None (no held-out τ measured yet, or it is gone)."""
+    p = Path(run_dir) / BEST
+    if not p.exists():
+        return None
+    d = Path(run_dir) / p.read_text().strip()
+    return d if (d / STATE_FILE).exists() else None
+
+
+def mark_best(run_dir: str | Path, step: int, info: dict[str, Any]) -> None:
+    """Point `best` at checkpoints/step-N (written after the checkpoint itself, atomically)."""
+    run_dir = Path(run_dir)
+    write_bytes_atomic(run_dir / BEST_INFO, (json.dumps({"step": step, **info}, indent=1) + "\n").encode())
+    write_bytes_atomic(run_dir / BEST, f"{CHECKPOINTS}/{step_dir_name(step)}\n".encode())
+
+
+def pick_checkpoint(run_dir: str | Path, which: str = "best") -> Path | None:
+    """`best` (highest held-out τ; the latest when none was measured), `latest`, or a step
+    (`step-N` or `N`)."""
+    run_dir = Path(run_dir)
+    if which == "best":
+        return best_checkpoint(run_dir) or latest_checkpoint(run_dir)
+    if which == "latest":
+        return latest_checkpoint(run_dir)
+    name = which if which.startswith("step-") else f"step-{which}"
+    if not name[5:].isdigit():
+        raise InputDataError(f"checkpoint {which!r} is not best, latest, step-N or N", path=str(run_dir))
+    d = run_dir / CHECKPOINTS / step_dir_name(int(name[5:]))
+    if not (d / STATE_FILE).exists():
+        have = ", ".join(p.name for _, p in list_checkpoints(run_dir)) or "none"
+        raise InputDataError(f"no checkpoint {name} (have: {have})", path=str(run_dir))
     return d
 
 
@@ -260,8 +299,8 @@ class DraftRunInfo:
         return load_vocab(self.vocab_dir)
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
-    """(step dir, run dir or None) for a run dir (its `latest`) or a step dir."""
+def resolve_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Path | None]:
+    """(step dir, run dir or None) for a run dir (its `which` checkpoint) or a step dir."""
     p = Path(path).expanduser()
     if (p / DRAFT_FILE).exists():
         run = p.parent.parent if p.parent.name == CHECKPOINTS else None
@@ -271,7 +310,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
         if m is None or m.kind != "train":
             raise InputDataError(f"not a training run (manifest kind {m.kind if m else None!r})",
                                  path=str(p))
-        ck = latest_checkpoint(p)
+        ck = pick_checkpoint(p, which)
         if ck is None:
             raise InputDataError("this run has no checkpoint yet", path=str(p))
         return ck, p
@@ -280,15 +319,16 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_draft_from_run(path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32):
-    """(Eagle3Draft in eval mode, DraftRunInfo) from a run dir (its latest checkpoint) or a step dir.
+                        dtype: torch.dtype = torch.float32, which: str = "best"):
+    """(Eagle3Draft in eval mode, DraftRunInfo) from a run dir (its `which` checkpoint: best by
+    held-out τ unless asked otherwise) or a step dir.
 
     The frozen embedding comes from the run's embed_tokens.safetensors, or (a step dir copied
     elsewhere) from the target's safetensors named in the run manifest / draft config.
     """
     from core.model import DraftConfig, Eagle3Draft
 
-    step_dir, run_dir = resolve_checkpoint(path)
+    step_dir, run_dir = resolve_checkpoint(path, which)
     ck_cfg = read_json(step_dir / DRAFT_CONFIG)
     state_json = read_json(step_dir / STATE_FILE)
     manifest = load_manifest(run_dir) if run_dir is not None else None

@@ -20,7 +20,8 @@ TRAIN_FORMAT_VERSION = 1
 
 # Settings that do not change the trained weights: they may differ on --resume.
 NON_CONTENT_FIELDS = ("output_dir", "resume", "save_every", "keep_last", "eval_every",
-                      "log_every", "nproc", "tensorboard")
+                      "log_every", "nproc", "tensorboard", "select_data", "select_prompts",
+                      "select_draft_tokens", "select_max_new_tokens", "select_seconds")
 
 
 def _looks_local(source: str) -> bool:
@@ -39,6 +40,9 @@ class TrainConfig:
     data_split: Optional[str] = None
     messages_column: Optional[str] = None
     data_limit: Optional[int] = None
+    data_shuffle_seed: Optional[int] = None  # online: the dataset's shuffle, as regen / cache use it
+    data_strict: bool = False
+    data_exclude: Optional[str] = None  # online: held-out conversations (JSONL) left out of training
     val_data: Optional[str] = None
     val_fraction: float = 0.05
     vocab: Optional[str] = None  # a prebuilt `eagle vocab` folder (online only)
@@ -61,6 +65,12 @@ class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None  # when set, overrides epochs (cycles the data as needed)
     seed: int = 0
+    # ---- checkpoint choice by held-out real τ (not content: the weights do not change) --------
+    select_data: Optional[str] = None  # held-out chat JSONL (eagle run: heldout.jsonl); None: best = latest
+    select_prompts: int = 4  # its first N usable prompts, decoded at every checkpoint
+    select_draft_tokens: int = 3
+    select_max_new_tokens: int = 64
+    select_seconds: float = 120.0  # bound per checkpoint; later prompts are skipped past it
     # ---- run management ------------------------------------------------------------------------
     save_every: int = 500
     keep_last: int = 2
@@ -155,7 +165,8 @@ class TrainConfig:
             raise InputDataError("not a draft vocab folder (no vocab.json)", path=self.vocab)
         ints = {"ttt_length": 1, "grad_accum": 1, "max_length": 2, "max_tokens_per_batch": 2,
                 "epochs": 1, "save_every": 1, "keep_last": 1, "num_layers": 1, "nproc": 1,
-                "log_every": 1}
+                "log_every": 1, "select_prompts": 1, "select_draft_tokens": 1,
+                "select_max_new_tokens": 1}
         for name, lo in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -164,6 +175,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise bad(name, f"must be a positive integer (got {v!r})")
+        if self.select_data is not None and not Path(self.select_data).expanduser().is_file():
+            raise InputDataError("held-out prompts for checkpoint selection not found", path=self.select_data)
+        if not self.select_seconds > 0:
+            raise bad("select_seconds", f"must be > 0 (got {self.select_seconds})")
         if self.max_tokens_per_batch < self.max_length:
             raise bad("max_tokens_per_batch", f"{self.max_tokens_per_batch} is below --max-length "
                       f"{self.max_length}: one sample must fit in a micro-batch")

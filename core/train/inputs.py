@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from core.data.identity import CACHE_PROMPTS, read_prompt_list
 from core.errors import InputDataError, SettingsMismatchError, UsageError
 from core.events import EventSink, Log
 from core.train.config import TrainConfig, default_draft_vocab_size
@@ -48,18 +49,25 @@ class TrainInputs:
     aux_layer_ids: list[int]
     data_fingerprint: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the run manifest
+    prompts: list[tuple[int, str]] | None = None  # (index, prompt sha256) of every sample; None: unknown
 
 
 def _data_spec(cfg: TrainConfig, source: str) -> SimpleNamespace:
     return SimpleNamespace(data=source, split=cfg.data_split, messages_column=cfg.messages_column,
-                           shuffle_seed=None, limit=cfg.data_limit, strict=False,
+                           shuffle_seed=cfg.data_shuffle_seed, limit=cfg.data_limit,
+                           strict=cfg.data_strict, exclude=cfg.data_exclude,
                            max_length=cfg.max_length)
 
 
-def _tokenized(cfg: TrainConfig, source: str, tokenizer: Any, events: EventSink):
+def _tokenized(cfg: TrainConfig, source: str, tokenizer: Any, events: EventSink,
+               prompts: list[tuple[int, str]] | None = None):
     from core.vocab import tokenize_dataset
 
-    samples, skipped = tokenize_dataset(_data_spec(cfg, source), tokenizer, events, stage=STAGE)
+    ids_of: dict[int, str] = {}
+    samples, skipped = tokenize_dataset(_data_spec(cfg, source), tokenizer, events, stage=STAGE,
+                                        prompt_ids=ids_of)
+    if prompts is not None:
+        prompts.extend((s[0], ids_of[s[0]]) for s in samples)
     if skipped:
         events(Log(stage=STAGE, level="warning",
                    message=f"{len(skipped)} conversation(s) of {source} skipped (e.g. "
@@ -109,9 +117,10 @@ def load_online(cfg: TrainConfig, run_dir: Path, resumed: bool, device: torch.de
         raise UsageError(f"--max-length {cfg.max_length} exceeds the target's "
                          f"max_position_embeddings {max_pos}")
     tokenizer = load_tokenizer(str(target))
-    ids, masks = _tokenized(cfg, cfg.data, tokenizer, events)
+    prompts: list[tuple[int, str]] = []
+    ids, masks = _tokenized(cfg, cfg.data, tokenizer, events, prompts)
     if cfg.val_data is not None:
-        v_ids, v_masks = _tokenized(cfg, cfg.val_data, tokenizer, events)
+        v_ids, v_masks = _tokenized(cfg, cfg.val_data, tokenizer, events, prompts)
         train_idx, val_idx = list(range(len(ids))), []
     else:
         train_idx, val_idx = split_indices(len(ids), cfg.val_fraction, cfg.seed)
@@ -130,7 +139,8 @@ def load_online(cfg: TrainConfig, run_dir: Path, resumed: bool, device: torch.de
         fp["val_tokens"] = token_stream_hash(list(zip(v_ids, v_masks)))
     extra = {"mode": "online", "target_info": extractor.target_info(),
              "chat_template_hash": chat_template_hash(tokenizer)}
-    return TrainInputs(train, val, vocab, target, list(extractor.aux_layer_ids), fp, extra), new_vocab
+    return TrainInputs(train, val, vocab, target, list(extractor.aux_layer_ids), fp, extra,
+                       prompts), new_vocab
 
 
 def load_offline(cfg: TrainConfig, events: EventSink) -> TrainInputs:
@@ -161,7 +171,11 @@ def load_offline(cfg: TrainConfig, events: EventSink) -> TrainInputs:
     extra = {"mode": "offline", "cache": str(Path(cfg.cache).resolve()),
              "target_info": {k: v for k, v in info.items() if k != "target_path"},
              "chat_template_hash": reader.manifest.settings.get("chat_template")}
-    return TrainInputs(train, val, reader.vocab, target, list(info["aux_layer_ids"]), fp, extra)
+    record = Path(cfg.cache) / CACHE_PROMPTS  # absent in caches written before it existed
+    prompts = ([(r["index"], r["prompt_sha256"]) for r in read_prompt_list(record)]
+               if record.is_file() else None)
+    return TrainInputs(train, val, reader.vocab, target, list(info["aux_layer_ids"]), fp, extra,
+                       prompts)
 
 
 def check_fingerprint(run_dir: Path, stored: dict[str, Any] | None, now: dict[str, Any]) -> None:

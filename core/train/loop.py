@@ -25,6 +25,7 @@ import torch
 
 from core.events import (CheckpointSaved, EventSink, Log, NullSink, Progress, StageFinished,
                          StageStarted)
+from core.manifest import read_json
 from core.train import checkpoint as ckpt
 from core.train import distributed as D
 from core.train.interrupt import StopSignals
@@ -48,6 +49,7 @@ class TrainResult:
     train_metrics: dict[str, float] = field(default_factory=dict)  # last step
     val_first: dict[str, float] = field(default_factory=dict)  # first validation of this invocation
     val_last: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)  # held-out τ of the `best` checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +60,8 @@ class TrainResult:
                 "tokens": self.tokens, "seconds": round(self.seconds, 2),
                 "tokens_per_s": self.tokens_per_s, "train_loss": self.train_metrics.get("loss"),
                 "val_acc_0_first": self.val_first.get("acc_0"), "val_acc_0": self.val_last.get("acc_0"),
-                "val_tau_sim": self.val_last.get("tau_sim"), "resumed_from": self.resumed_from}
+                "val_tau_sim": self.val_last.get("tau_sim"), "resumed_from": self.resumed_from,
+                "best_step": self.best.get("step"), "best_heldout_tau": self.best.get("tau")}
 
 
 class LossModule(torch.nn.Module):
@@ -176,10 +179,23 @@ class _Trainer:
             ckpt.truncate_metrics(self.run_dir, -1)  # a restart before the first checkpoint
         self.log = MetricsLog(self.run_dir, cfg.tensorboard and env.is_main, self.events) \
             if env.is_main else None
+        self.selector = None
+        if cfg.select_data and env.is_main:
+            from core.train.select import HeldOutTau
+
+            self.selector = HeldOutTau(Path(self.inputs.target), cfg.select_data, cfg.select_prompts,
+                                       cfg.select_draft_tokens, cfg.select_max_new_tokens,
+                                       cfg.select_seconds, env.device, self.events)
+        best = self.run_dir / ckpt.BEST_INFO
+        self.best = read_json(best) if resumed and best.is_file() else {}
 
     def _write_run_files(self, write_vocab: bool) -> None:
+        from core.data.identity import TRAINED_ON, write_prompt_list
+
         if write_vocab:
             self.inputs.vocab.save(self.run_dir / ckpt.VOCAB_DIR)
+        if self.inputs.prompts is not None:  # eval refuses prompts this run trained on
+            write_prompt_list(self.run_dir / TRAINED_ON, self.inputs.prompts)
         if not (self.run_dir / ckpt.EMBED_FILE).exists():
             ckpt.write_run_embeddings(self.run_dir, self.draft.embed_tokens.weight)
         self.manifest.extra.update({
@@ -311,6 +327,7 @@ class _Trainer:
                 val_last = v or val_last
             if done % cfg.save_every == 0 or last:
                 last_ckpt = self._save(done)
+                self._select(done, last_ckpt)
         if self.start_step >= self.total:
             self.events(Log(stage=STAGE, message=f"nothing to do: the run is at step {self.start_step} "
                                                  f"of {self.total}"))
@@ -321,7 +338,7 @@ class _Trainer:
                              resumed_from=self.resumed_from,
                              checkpoint=str(last_ckpt or latest) if (last_ckpt or latest) else None,
                              tokens=tokens, seconds=seconds, tokens_per_s=tps, train_metrics=m,
-                             val_first=val_first or {}, val_last=val_last or {})
+                             val_first=val_first or {}, val_last=val_last or {}, best=self.best)
         if self.env.is_main:
             self.manifest.complete = True
             self.manifest.extra["result"] = {k: v for k, v in result.to_dict().items()
@@ -341,6 +358,18 @@ class _Trainer:
             f"interrupted by {why}: stopped after step {step} of {self.total}, saved {path}; "
             f"continue with --resume")))
         raise KeyboardInterrupt
+
+    def _select(self, step: int, path: Path | None) -> None:
+        """Held-out real τ of the checkpoint just saved; `best` follows the highest (rank 0)."""
+        if self.selector is not None and path is not None:
+            m = self.selector.measure(path)
+            if self.log is not None:
+                self.log.write(step, "heldout", m)
+            if not self.best or m["tau"] > self.best["tau"]:
+                self.best = {"step": step, "tau": m["tau"], "prompts": m["prompts"]}
+                ckpt.mark_best(self.run_dir, step, self.best)
+                ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        D.barrier(self.env)
 
     def _log_val(self, step: int) -> dict[str, float] | None:
         v = self._validate()

@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         messages_column: Optional[str] = typer.Option(None, "--messages-column"),
         limit: Optional[int] = typer.Option(None, "--limit"),
         shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed"),
+        exclude: Optional[str] = common.ExcludeOpt,
         resume: bool = common.ResumeOpt,
         ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
                           aux_dtype=aux_dtype, target_store=target_store, topk=topk, target_dtype=target_dtype,
                           shard_size=shard_size, batch_tokens=batch_tokens, nproc=nproc, device=device,
                           device_map=device_map, split=split, messages_column=messages_column, limit=limit,
-                          shuffle_seed=shuffle_seed, resume=resume, command="eagle " + " ".join(sys.argv[1:]))
+                          shuffle_seed=shuffle_seed, exclude=exclude, resume=resume, command="eagle " + " ".join(sys.argv[1:]))
         r = build_cache(cfg, common.make_sink("cache"))
         rate = f", {r.samples_per_s:.2f} samples/s" if r.samples_per_s else ""
         common.echo(f"cache {r.output_dir}: {r.samples} samples in {r.shards} shards, "

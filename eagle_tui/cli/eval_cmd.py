@@ -29,18 +29,23 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | "
                                   "bfloat16 | float16"),
+        checkpoint: str = common.CheckpointOpt,
+        allow_trained: bool = typer.Option(False, "--allow-trained-prompts", help="Measure even when "
+                                           "some prompts trained the draft (its trained_on.jsonl); "
+                                           "without it that is refused (exit 2): τ would not be held out."),
     ) -> None:
         """Measure the accept length (tau) of a draft against its target, greedy and lossless.
 
         Exit codes: 0 ok, 1 the speculative output differed from the target's greedy output on some
-        prompt (see the report), 2 bad arguments or data.
+        prompt (see the report), 2 bad arguments or data, or prompts the draft trained on.
         """
         from core.evaluate import EvalConfig, evaluate
 
         cfg = EvalConfig(target=target, draft=draft, data=data, num_prompts=num_prompts,
                          num_draft_tokens=num_draft_tokens, max_new_tokens=max_new_tokens,
                          output=output, split=split, messages_column=messages_column, offset=offset,
-                         max_prompt_tokens=max_prompt_tokens, device=device, dtype=dtype)
+                         max_prompt_tokens=max_prompt_tokens, device=device, dtype=dtype,
+                         checkpoint=checkpoint, allow_trained_prompts=allow_trained)
         report = evaluate(cfg, common.make_sink("eval"))
         if not common.jsonl_mode():  # in jsonl mode the StageFinished event carries the summary
             common.echo(report["text"])

@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
                                             "speculative_tokens of the proposal method."),
         as_json: bool = typer.Option(False, "--json", help="--check: print the report as JSON."),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
+        checkpoint: str = common.CheckpointOpt,
     ) -> None:
         """Export a draft for serving, check a draft folder, or convert another tool's checkpoint.
 
@@ -79,7 +80,8 @@ def register(app: typer.Typer) -> None:
 
         res = export_draft(ExportConfig(source=source, output_dir=output, format=fmt, target=target,
                                         dtype=dtype, include_embed=not no_embed,
-                                        num_speculative_tokens=num_spec_tokens), sink)
+                                        num_speculative_tokens=num_spec_tokens,
+                                        checkpoint=checkpoint), sink)
         common.echo(f"exported {source} -> {res.output_dir} ({res.format} format)")
         for w in res.meta.get("warnings", []):
             common.echo(f"  note: {w}")

@@ -14,15 +14,15 @@ from eagle_tui.cli import common
 def demo_config(quick: bool, workdir: str, data_file: str):
     """The demo on the embedded defaults, sized for a 2-core CPU (about 12 min, --quick about 2).
 
-    `data_file` holds short ShareGPT conversations: the first `dataset.limit` train the draft, the
-    ones after them are the held-out evaluation prompts.
+    `data_file` holds short ShareGPT conversations: the first `dataset.heldout` are held out (a few
+    choose the checkpoint, the rest measure τ), the `dataset.limit` after them train the draft.
     """
     from core.runconfig import RunConfig
 
     cfg = RunConfig(workdir=workdir)
     cfg.target.device = "cpu"
     cfg.dataset.source = data_file
-    cfg.dataset.shuffle_seed = None  # evaluation takes the prompts right after the training rows
+    cfg.dataset.shuffle_seed = None  # the file is already a random sample of short conversations
     cfg.dataset.limit = 48 if quick else 200
     cfg.regen.launch = "transformers"
     cfg.regen.concurrency = 8
@@ -40,9 +40,12 @@ def demo_config(quick: bool, workdir: str, data_file: str):
     cfg.train.max_tokens_per_batch = cfg.features.max_length * 2
     cfg.train.val_fraction = 0.1
     cfg.train.save_every = 100
+    cfg.train.select_prompts = 2 if quick else 4
+    cfg.train.select_max_new_tokens = 48
     cfg.eval.num_prompts = 4 if quick else 12
     cfg.eval.max_new_tokens = 48 if quick else 64
     cfg.eval.num_draft_tokens = 3
+    cfg.dataset.heldout = cfg.train.select_prompts + cfg.eval.num_prompts
     return cfg.validate()
 
 
@@ -98,10 +101,21 @@ def _print_summary(s: dict) -> None:
     common.echo("")
     common.echo("== eagle-tui summary ==")
     if s.get("tau") is not None:
-        sim = f" (training's simulated τ {s['tau_sim']:.2f})" if s.get("tau_sim") else ""
-        common.echo(f"accept length τ (measured, bonus token counted): {s['tau']:.2f}{sim}")
-        common.echo(f"implied speedup: {s['implied_speedup']:.2f}x   lossless: "
-                    f"{'yes, every prompt matched the target' if s.get('lossless') else 'NO'}")
+        from core.evaluate.report import prompt_set_label
+
+        sim = f"; training's simulated τ {s['tau_sim']:.2f}" if s.get("tau_sim") else ""
+        rates = " / ".join(f"{r:.2f}" for r in s.get("accept_rate") or [] if r is not None)
+        common.echo(f"accept length τ {s['tau']:.2f} (real chain decoding, k={s['num_draft_tokens']}, "
+                    f"greedy, bonus token counted; {prompt_set_label(s.get('prompt_set'))} prompts; "
+                    f"per position {rates}{sim})")
+        if s.get("best_heldout_tau") is not None:
+            common.echo(f"checkpoint: step {s['best_step']}, chosen by held-out τ {s['best_heldout_tau']:.2f} "
+                        "on separate selection prompts")
+        measured = s.get("measured_speedup")
+        common.echo(f"speedup measured here (wall clock, transformers loop): "
+                    f"{'n/a' if measured is None else f'{measured:.2f}x'}; implied by τ and the draft/target "
+                    f"cost ratio: {s['implied_speedup']:.2f}x")
+        common.echo(f"lossless: {'yes, every prompt matched the target' if s.get('lossless') else 'NO'}")
         common.echo(f"report: {s['eval_report']}")
     if s.get("export"):
         common.echo(f"export: {s['export']}")
@@ -154,7 +168,7 @@ def register(app: typer.Typer) -> None:
         data_file = wd / f"demo-{kind}-conversations.jsonl"
         cfg = demo_config(quick, str(wd / kind), str(data_file))
         if not data_file.exists():
-            write_demo_subset(data_file, cfg.dataset.limit + cfg.eval.num_prompts)
+            write_demo_subset(data_file, cfg.dataset.limit + cfg.dataset.heldout)
         name = f"demo-{kind}.yaml"
         cfg.save(wd / name)
         common.echo(f"demo config: {wd / name}")

@@ -59,6 +59,10 @@ def register(app: typer.Typer) -> None:
         split: Optional[str] = typer.Option(None, "--split", help="Dataset split / slice, e.g. train[:1000]."),
         messages_column: Optional[str] = typer.Option(None, "--messages-column"),
         limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many conversations."),
+        shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed", help="Online: shuffle the "
+                                                   "rows first (as regen / cache do)."),
+        strict: bool = typer.Option(False, "--strict", help="Online: fail at the first bad row."),
+        exclude: Optional[str] = common.ExcludeOpt,
         val_data: Optional[str] = typer.Option(None, "--val-data", help="A separate validation "
                                                "dataset (online)."),
         val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share held out for "
@@ -94,6 +98,11 @@ def register(app: typer.Typer) -> None:
         keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
         eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between validations "
                                                  "(default --save-every; also at start and end)."),
+        select_data: Optional[str] = typer.Option(None, "--select-data", help="Held-out chat JSONL (eagle "
+                                                  "run: WORKDIR/heldout.jsonl): at every checkpoint, real "
+                                                  "speculative decoding on its first prompts picks `best`."),
+        select_prompts: int = typer.Option(4, "--select-prompts", help="Prompts decoded per checkpoint."),
+        select_seconds: float = typer.Option(120.0, "--select-seconds", help="Time bound per checkpoint."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (spawns torchrun)."),
         fsdp: bool = typer.Option(False, "--fsdp", help="Shard the draft with FSDP instead of DDP."),
@@ -104,14 +113,16 @@ def register(app: typer.Typer) -> None:
 
         cfg = TrainConfig(
             output_dir=str(output_dir), target=target, data=data, cache=cache, data_split=split,
-            messages_column=messages_column, data_limit=limit, val_data=val_data,
+            messages_column=messages_column, data_limit=limit, data_shuffle_seed=shuffle_seed,
+            data_strict=strict, data_exclude=exclude, val_data=val_data,
             val_fraction=val_fraction, vocab=vocab, draft_vocab_size=draft_vocab_size,
             aux_layer_ids=common.int_list(aux_layers, "--aux-layers"), max_length=max_length,
             num_layers=num_layers, ttt_length=ttt_length, decay=decay, attention=attention, lr=lr,
             warmup_ratio=warmup_ratio, betas=_betas(betas), weight_decay=weight_decay,
             grad_clip=grad_clip, grad_accum=grad_accum, max_tokens_per_batch=max_tokens_per_batch,
             epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every,
-            keep_last=keep_last, eval_every=eval_every, device=device, nproc=nproc, fsdp=fsdp,
+            keep_last=keep_last, eval_every=eval_every, select_data=select_data,
+            select_prompts=select_prompts, select_seconds=select_seconds, device=device, nproc=nproc, fsdp=fsdp,
             resume=resume).validate()
         sink = common.make_sink("train")
         if nproc > 1 and not _under_torchrun():

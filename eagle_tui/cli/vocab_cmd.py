@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         messages_column: Optional[str] = typer.Option(None, "--messages-column"),
         limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N conversations."),
         shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed"),
+        exclude: Optional[str] = common.ExcludeOpt,
         resume: bool = common.ResumeOpt,
     ) -> None:
         """Count target token ids under the loss mask and keep the most frequent Vd.
@@ -37,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = VocabConfig(target=target, output_dir=output, draft_vocab_size=draft_vocab_size, data=data,
                           token_freq=token_freq, max_length=max_length, split=split,
-                          messages_column=messages_column, limit=limit, shuffle_seed=shuffle_seed,
+                          messages_column=messages_column, limit=limit, shuffle_seed=shuffle_seed, exclude=exclude,
                           resume=resume)
         v = make_vocab(cfg, common.make_sink("vocab"))
         common.echo(f"draft vocab {v.draft_vocab_size} of {v.target_vocab_size} ids, coverage "
