@@ -113,11 +113,18 @@ class ServePlan:
 
 # ---- draft resolution --------------------------------------------------------------------------
 
-def find_checkpoint(path: Path) -> Path | None:
-    """The checkpoint folder (holding draft.safetensors) of a run dir or checkpoint dir, or None."""
+def find_checkpoint(path: Path, which: str = "best") -> Path | None:
+    """The checkpoint folder (holding draft.safetensors) of a run dir (its `which` checkpoint:
+    best by held-out τ, latest, or a step) or of a checkpoint dir, or None."""
+    from core.train.checkpoint import pick_checkpoint
+
     if (path / "draft.safetensors").is_file():
         return path
-    for base in (path, path / "checkpoints"):
+    if (path / "manifest.json").is_file() and (path / "checkpoints").is_dir():
+        cand = pick_checkpoint(path, which)
+        if cand is not None and (cand / "draft.safetensors").is_file():
+            return cand
+    for base in (path, path / "checkpoints"):  # other layouts: a `latest` link or file
         latest = base / "latest"
         if latest.is_symlink() or latest.is_dir():
             cand = latest.resolve()

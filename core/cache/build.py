@@ -19,6 +19,7 @@ from typing import Any
 from core.cache import layout
 from core.cache.config import CacheConfig, CacheResult
 from core.cache.writer import ShardJob, WorkerJob, run_worker, worker_main
+from core.data.identity import CACHE_PROMPTS, write_prompt_list
 from core.errors import CorruptDataError, EagleError, InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, Progress, RateMeter, ShardDone, StageFinished, StageStarted
 from core.manifest import prepare_output_dir, sha256_file, settings_hash, write_bytes_atomic
@@ -112,7 +113,8 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
 
     tokenizer = load_tokenizer(str(target))
     tok_fp = tokenizer_hash(tokenizer)
-    samples, skipped = tokenize_dataset(cfg, tokenizer, events, stage=STAGE)
+    prompt_ids: dict[int, str] = {}
+    samples, skipped = tokenize_dataset(cfg, tokenizer, events, stage=STAGE, prompt_ids=prompt_ids)
     tokens_hash = _tokens_hash(samples)
     vocab = get_vocab(cfg, samples, tokens_hash, tok_fp, vocab_size, events)
     opts = cfg.storage.validate(vocab.draft_vocab_size)
@@ -137,6 +139,8 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
         vocab.save(out)
         write_bytes_atomic(out / TARGET_CONFIG, (target / "config.json").read_bytes())
         write_bytes_atomic(out / FAILURES, "".join(json.dumps(s) + "\n" for s in skipped).encode())
+    if not (out / CACHE_PROMPTS).exists():  # which conversations (a run records it as trained_on)
+        write_prompt_list(out / CACHE_PROMPTS, [(s[0], prompt_ids[s[0]]) for s in samples])
     manifest.extra.update({"vocab": {"dir": ".", "coverage": vocab.coverage, "fingerprint": vocab.fingerprint},
                            "skipped": len(skipped), "failures_file": FAILURES,
                            "num_samples": len(samples), "provenance": provenance(cfg, device)})

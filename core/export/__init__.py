@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.data.identity import TRAINED_ON
 from core import disk, locking
 from core.errors import InputDataError, UsageError
 from core.events import EventSink, NullSink, StageFinished, StageStarted
@@ -37,6 +38,7 @@ class ExportConfig:
     dtype: str = "auto"  # auto (as trained) | float32 | bfloat16 | float16
     include_embed: bool = True
     num_speculative_tokens: int = 3  # speculators proposal method
+    checkpoint: str = "best"  # of a run: best (held-out τ), latest, or a step (step-N / N)
 
     def validate(self) -> "ExportConfig":
         if self.format not in FORMATS:
@@ -87,16 +89,21 @@ def run_tau_sim(run_dir: Path | None) -> float | None:
     return best.get("val", best.get("train"))
 
 
-def _from_run(source: Path) -> tuple[dict, dict, dict, dict]:
+def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict]:
     """(draft config dict, state dict, produced_by, recorded target info) of a run / checkpoint."""
-    from core.train.checkpoint import load_draft_from_run
+    from core.train.checkpoint import BEST_INFO, load_draft_from_run
 
-    draft, info = load_draft_from_run(str(source))
+    draft, info = load_draft_from_run(str(source), which=which)
     cfg = draft.config.to_dict()
     state = {k: v for k, v in draft.state_dict().items()}
     produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
                    "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
-                   "tau_sim": run_tau_sim(info.run_dir)}
+                   "tau_sim": run_tau_sim(info.run_dir), "checkpoint": which}
+    best = info.run_dir / BEST_INFO if info.run_dir else None
+    if best is not None and best.is_file():  # the held-out τ that chose this checkpoint
+        b = json.loads(best.read_text())
+        if b.get("step") == info.step:
+            produced_by["held_out_tau"] = b.get("tau")
     target = dict(info.target_info or {})
     if info.target:
         target["name_or_path"] = str(info.target)
@@ -138,8 +145,11 @@ def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportR
     source = Path(cfg.source)
     events(StageStarted(stage="export", settings={"source": str(source), "format": cfg.format,
                                                   "output_dir": cfg.output_dir}))
-    if find_checkpoint(source) is not None:
-        draft_cfg, state, produced_by, recorded = _from_run(source)
+    trained_on = None
+    if find_checkpoint(source, cfg.checkpoint) is not None:
+        draft_cfg, state, produced_by, recorded = _from_run(source, cfg.checkpoint)
+        run_dir = produced_by.get("run_dir")
+        trained_on = Path(run_dir) / TRAINED_ON if run_dir else None
     elif (source / CONFIG).is_file():
         report = check_folder(source)
         if not report.ok:
@@ -150,6 +160,7 @@ def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportR
         produced_by = {"kind": "re-export", "source": str(source.resolve()),
                        "original": meta.get("produced_by")}
         recorded = meta.get("target") or {}
+        trained_on = source / TRAINED_ON
     else:
         raise InputDataError("neither a training run/checkpoint nor a serving folder", path=str(source),
                              hint="third-party checkpoints: eagle export --from DIR --output OUT")
@@ -166,6 +177,10 @@ def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportR
     else:
         meta = write_export(cfg.output_dir, draft_cfg, state, produced_by=produced_by, target=target,
                             include_embed=cfg.include_embed, dtype=cfg.dtype)
+    if trained_on is not None and trained_on.is_file():  # eval refuses prompts the draft trained on
+        from core.manifest import write_bytes_atomic
+
+        write_bytes_atomic(Path(cfg.output_dir) / TRAINED_ON, trained_on.read_bytes())
     events(StageFinished(stage="export", summary={"output_dir": cfg.output_dir, "format": cfg.format,
                                                   "aux_layer_ids": meta.get("aux_layer_ids"),
                                                   "warnings": meta.get("warnings", [])}))

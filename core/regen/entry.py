@@ -98,7 +98,8 @@ def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
 
         source = str(demo_dataset(events=events))
     spec = DataSpec(source=source, split=cfg.split, messages_column=cfg.messages_column,
-                    shuffle_seed=cfg.shuffle_seed, limit=cfg.limit, strict=cfg.strict)
+                    shuffle_seed=cfg.shuffle_seed, limit=cfg.limit, strict=cfg.strict,
+                    exclude=cfg.exclude)
     convs, report = load_conversations(spec, events=events)
     fingerprint = _input_fingerprint(convs)
     disk.check_free(cfg.output_dir, disk_estimate(convs, cfg) - disk.bytes_under(cfg.output_dir),

@@ -86,6 +86,12 @@ def error_line(err: Exception, argv: list[str]) -> str:
     return str(err)
 
 
+ExcludeOpt = typer.Option(None, "--exclude", help="A JSONL of held-out conversations (e.g. eagle "
+                          "run's WORKDIR/heldout.jsonl): their prompts, and duplicates of them, are "
+                          "left out.")
+CheckpointOpt = typer.Option("best", "--checkpoint", help="Of a training run: best (highest held-out "
+                             "τ measured during training; the latest when none was), latest, or a "
+                             "step (step-N or N).")
 EventsOpt = Optional[str]
 
 

@@ -122,6 +122,7 @@ def register(app: typer.Typer) -> None:
         shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed", help="Shuffle rows first."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Use this many conversations."),
         strict: bool = typer.Option(False, "--strict", help="Fail at the first bad input row."),
+        exclude: Optional[str] = common.ExcludeOpt,
         resume: bool = common.ResumeOpt,
         ignore_disk_check: bool = common.IgnoreDiskOpt,
         retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: send the "
@@ -139,7 +140,7 @@ def register(app: typer.Typer) -> None:
             input_data=input_data, output_dir=output_dir, model=model,
             servers=list(target_server or []), launch=launch, launch_device=device,
             launch_ready_timeout=launch_timeout, split=split, messages_column=messages_column,
-            shuffle_seed=shuffle_seed, limit=limit, strict=strict, shard_size=shard_size,
+            shuffle_seed=shuffle_seed, limit=limit, strict=strict, exclude=exclude, shard_size=shard_size,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             reasoning=reasoning, turns=turns, concurrency=concurrency,
             request_timeout=request_timeout, max_retries=max_retries,
