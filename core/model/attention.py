@@ -12,14 +12,23 @@ Backends (held equal, outputs and gradients, in tests/test_model_attention.py):
          log-sum-exp); the diagonal columns are merged through that log-sum-exp, and the backward
          pass reuses the fused kernel with the merged output and log-sum-exp (the standard
          split-softmax identity), so no [T, T] score tensor is kept per step.
-  flex   CUDA: torch flex attention with or_masks(causal & same document, diagonal) over the
+  flex   CUDA: compiled torch flex attention with (causal & same document) | diagonal over the
          concatenated keys. On CPU, torch 2.13 runs flex forward only (no backward).
+
+Flex without recompiles: a compiled kernel is specialised to its shapes, and packed batches and
+TTT steps change them nearly every step (past dynamo's recompile limit it silently falls back to
+the unfused path that materialises every score). So the flex path pads T up to a length bucket
+(`bucket_length`: multiples of 128 up to 1024, then eighths of an octave, at most 12.5% more),
+always concatenates the keys of all `max_steps` TTT steps (steps not run yet are zeros that no
+block visits), and builds each step's BlockMask directly from the document boundaries (block
+lists, no [T, T*k] mask evaluation). One compile per (bucket, batch rows, dtype, grad mode).
+Documents are contiguous runs of equal doc id (as packing makes them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -147,16 +156,87 @@ class DocLayout:
         return rows.view(self.b, self.t, h, d).transpose(1, 2)
 
 
-_compiled_flex: Callable | None = None
+FLEX_BLOCK = 128  # flex attention's default block size; buckets are multiples of it
+# device type -> torch.compile backend for flex attention; elsewhere it runs eagerly (CPU: forward
+# only, unfused). Tests put a counting backend under "cpu" to count compilations.
+COMPILE_FLEX_ON: dict[str, Any] = {"cuda": "inductor"}
+FLEX_RECOMPILE_LIMIT = 64  # buckets x grad modes x dtypes stay far below this
+_compiled_flex: dict[Any, Callable] = {}
 
 
-def _flex_fn() -> Callable:
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
+def bucket_length(t: int) -> int:
+    """Padded length for flex: a multiple of 128; above 1024 a multiple of 1/8 of its octave."""
+    n = -(-max(t, 1) // FLEX_BLOCK) * FLEX_BLOCK
+    if n <= 8 * FLEX_BLOCK:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
 
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+
+def _flex_fn(device_type: str) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    backend = COMPILE_FLEX_ON.get(device_type)
+    if backend is None:
+        return flex_attention
+    if backend not in _compiled_flex:
+        _compiled_flex[backend] = torch.compile(flex_attention, dynamic=False, backend=backend)
+    fn = _compiled_flex[backend]
+
+    def call(*args, **kw):
+        import torch._dynamo
+
+        limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return fn(*args, **kw)
+    return call
+
+
+def _run_starts(doc_ids: torch.Tensor, padded: int) -> torch.Tensor:
+    """[B, padded]: first position of each position's run of equal doc id; bucket padding
+    (positions >= T) is one run of its own."""
+    b, t = doc_ids.shape
+    pos = torch.arange(padded, device=doc_ids.device).expand(b, padded)
+    new = torch.ones(b, padded, dtype=torch.bool, device=doc_ids.device)
+    new[:, 1:t] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    new[:, t + 1:] = False
+    return torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+
+
+def _ordered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [B, nq, nk] -> (count [B, 1, nq], ascending column indices [B, 1, nq, nk]) int32."""
+    num = m.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[:, None], idx[:, None]
+
+
+def flex_block_mask(starts: torch.Tensor, steps: int, kv_steps: int):
+    """BlockMask of TTT step `steps - 1` over padded queries [B, P] and keys [B, P * kv_steps].
+
+    Query block i sees step-0 key blocks j from starts[first query] // 128 to i (those in
+    [ceil(starts[last query] / 128), i) fully), plus the diagonal block of steps 1..steps-1.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bsz, p = starts.shape
+    nq, bs = p // FLEX_BLOCK, FLEX_BLOCK
+    lo = (starts[:, ::bs] // bs)[..., None]  # [B, nq, 1]
+    fs = (-(-starts[:, bs - 1::bs] // bs))[..., None]
+    i = torch.arange(nq, device=starts.device)[:, None]
+    j = torch.arange(nq * kv_steps, device=starts.device)[None, :]
+    full = (j >= fs) & (j < i)
+    diag = (j >= nq) & (j < nq * steps) & (j % nq == i)
+    partial = ((j >= lo) & (j < fs)) | (j == i) | diag
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full.expand(bsz, -1, -1))
+    limit = torch.tensor(p * steps, device=starts.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        causal = (kv_idx < p) & (kv_idx <= q_idx) & (kv_idx >= starts[b, q_idx])
+        return causal | ((kv_idx >= p) & (kv_idx < limit) & (kv_idx % p == q_idx))
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                    seq_lengths=(p, p * kv_steps))
 
 
 class TTTAttention:
@@ -167,8 +247,10 @@ class TTTAttention:
     """
 
     def __init__(self, doc_ids: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                 backend: str = "auto", single_doc_rows: bool | None = None, regroup: bool | None = None):
-        """regroup: use DocLayout on the fused path (None: when it cuts the causal work)."""
+                 backend: str = "auto", single_doc_rows: bool | None = None, regroup: bool | None = None,
+                 max_steps: int | None = None):
+        """regroup: use DocLayout on the fused path (None: when it cuts the causal work).
+        max_steps: the TTT length; flex then keeps one key length for every step (no recompiles)."""
         self.doc_ids = doc_ids = attach_trailing_padding(doc_ids)
         self.groups = num_heads // num_kv_heads
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -190,6 +272,9 @@ class TTTAttention:
         self._bool_mask: torch.Tensor | None = None
         self._float_mask: torch.Tensor | None = None
         self._block_masks: dict[int, object] = {}
+        self.max_steps = max_steps
+        self.padded = bucket_length(t) if self.backend == "flex" else t
+        self._padded_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---- masks, built once per batch -----------------------------------------------------------
     def bool_mask(self) -> torch.Tensor:
@@ -204,25 +289,11 @@ class TTTAttention:
         return self._float_mask
 
     def block_mask(self, num_steps: int):
+        """The flex BlockMask for a step that has seen `num_steps` steps (cached for all layers)."""
         if num_steps not in self._block_masks:
-            from torch.nn.attention.flex_attention import and_masks, create_block_mask, or_masks
-
-            doc, t = self.doc_ids, self.T
-
-            def causal(b, h, q_idx, kv_idx):
-                return (kv_idx < t) & (kv_idx <= q_idx)
-
-            def same_doc(b, h, q_idx, kv_idx):
-                return doc[b, kv_idx % t] == doc[b, q_idx]
-
-            def diagonal(b, h, q_idx, kv_idx):
-                return (kv_idx >= t) & (kv_idx % t == q_idx)
-
-            mask_mod = or_masks(and_masks(causal, same_doc), diagonal)
-            b = doc.shape[0]
-            self._block_masks[num_steps] = create_block_mask(
-                mask_mod, b, None, t, t * num_steps, device=doc.device,
-                _compile=doc.device.type == "cuda")  # compiled mask building avoids [T, T*k] tensors
+            kv_steps = max(self.max_steps or num_steps, num_steps)
+            self._block_masks[num_steps] = flex_block_mask(_run_starts(self.doc_ids, self.padded),
+                                                           num_steps, kv_steps)
         return self._block_masks[num_steps]
 
     # ---- attention ------------------------------------------------------------------------------
@@ -276,11 +347,15 @@ class TTTAttention:
                                          True, self.scale)
 
     def _flex(self, q, ks, vs):
-        k = torch.cat(ks, dim=2)
-        v = torch.cat(vs, dim=2)
-        block_mask = self.block_mask(len(ks))
-        if q.device.type == "cuda":
-            return _flex_fn()(q, k, v, block_mask=block_mask, scale=self.scale, enable_gqa=self.groups > 1)
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=block_mask, scale=self.scale, enable_gqa=self.groups > 1)
+        steps, pad = len(ks), self.padded - self.T
+        kv_steps = max(self.max_steps or steps, steps)
+        pk = self._padded_kv.setdefault(id(ks), [])  # one list per layer: pad each step's keys once
+        for k, v in zip(ks[len(pk):], vs[len(pk):]):
+            pk.append((torch.nn.functional.pad(k, (0, 0, 0, pad)), torch.nn.functional.pad(v, (0, 0, 0, pad))))
+        zeros = [torch.zeros_like(pk[0][0])] * (kv_steps - steps)  # steps not run yet: no block visits them
+        k = torch.cat([x for x, _ in pk] + zeros, dim=2)
+        v = torch.cat([y for _, y in pk] + zeros, dim=2)
+        qp = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        out = _flex_fn(q.device.type)(qp, k, v, block_mask=self.block_mask(steps), scale=self.scale,
+                                      enable_gqa=self.groups > 1)
+        return out[:, :, :self.T]

@@ -215,7 +215,8 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
     targets = tuple(x.to(device) for x in targets)
 
     backend = resolve_backend(attention_backend, device)
-    attn = TTTAttention(doc, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, backend)
+    attn = TTTAttention(doc, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, backend,
+                        max_steps=ttt_length)
     flat_index = torch.arange(b * t, device=device).view(b, t)
 
     # Masks of every step up front. Step k >= 1 computes only the rows that step k or a later step
