@@ -254,11 +254,14 @@ def plan_pipeline(cfg: RunConfig, sample_size: int = 256, events: EventSink | No
     target = resolve_target(cfg.target.model, events)
     shape = TargetShape.resolve(target)
     d = cfg.dataset
+    held = cfg.heldout_count()  # the first ones are held out; training takes `limit` after them
     convs, report = load_conversations(DataSpec(source=d.source, split=d.split,
                                                 messages_column=d.messages_column,
-                                                shuffle_seed=d.shuffle_seed, limit=d.limit))
+                                                shuffle_seed=d.shuffle_seed,
+                                                limit=None if d.limit is None else d.limit + held))
+    convs = convs[held:]
     if not convs:
-        raise UsageError(f"dataset {d.source!r} has no usable conversations")
+        raise UsageError(f"dataset {d.source!r} has no usable conversations besides the {held} held out")
     tok = load_tokenizer(target)
     lengths, answer_tokens = [], []
     for conv in convs[:sample_size]:
@@ -270,7 +273,7 @@ def plan_pipeline(cfg: RunConfig, sample_size: int = 256, events: EventSink | No
     out: dict[str, Any] = {"target": {"path": target, "hidden_size": shape.hidden_size,
                                       "num_hidden_layers": shape.num_hidden_layers,
                                       "vocab_size": shape.vocab_size, "params": shape.num_params()},
-                           "dataset": {"conversations": n, "bad_rows": len(report.bad_rows),
+                           "dataset": {"conversations": n, "heldout": held, "bad_rows": len(report.bad_rows),
                                        "mean_tokens": round(mean_len, 1), "measured_on": len(lengths)},
                            "steps": {}}
     steps = out["steps"]

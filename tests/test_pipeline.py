@@ -34,9 +34,9 @@ def _config(tmp_path, tiny_target, regen: bool) -> RunConfig:
     cfg = RunConfig(workdir=str(tmp_path / "work"))
     cfg.target.model = str(tiny_target)
     cfg.target.device = "cpu"
-    cfg.dataset.source = str(_write_data(tmp_path / "chats.jsonl", 10))
-    cfg.dataset.shuffle_seed = None
-    cfg.dataset.limit = 8  # the last 2 rows are the held-out eval prompts
+    cfg.dataset.source = str(_write_data(tmp_path / "chats.jsonl", 12))
+    cfg.dataset.shuffle_seed = 0
+    cfg.dataset.limit = 8  # after 3 held-out rows (1 picks the checkpoint, 2 measure τ)
     cfg.regen.enabled = regen
     cfg.regen.max_new_tokens = 12
     cfg.regen.concurrency = 4
@@ -49,6 +49,8 @@ def _config(tmp_path, tiny_target, regen: bool) -> RunConfig:
     cfg.train.max_tokens_per_batch = 128
     cfg.train.save_every = 2
     cfg.train.val_fraction = 0.25
+    cfg.train.select_prompts = 1
+    cfg.train.select_max_new_tokens = 8
     cfg.eval.num_prompts = 2
     cfg.eval.max_new_tokens = 8
     cfg.eval.num_draft_tokens = 2
@@ -78,8 +80,24 @@ def test_eagle_run_whole_pipeline_then_resume_and_refuse(tmp_path, tiny_target):
     assert (work / "run" / "checkpoints" / "step-4" / "draft.safetensors").is_file()
     # eval: lossless on the held-out prompts, tau counted with the bonus token
     report = json.loads((work / "eval.json").read_text())
-    assert summary["lossless"] is True and summary["tau"] >= 1.0
-    assert report["summary"]["lossless"] is True
+    assert summary["lossless"] is True and report["summary"]["lossless"] is True
+    # τ on the 2 held-out prompts after the selection prompt; none of them trained the draft
+    held = [json.loads(x) for x in (work / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 3
+    assert summary["prompt_set"]["count"] == 2 and summary["prompt_set"]["held_out"] == 2
+    assert [p["prompt_sha256"] for p in report["prompts"]] == [h["prompt_sha256"] for h in held[1:]]
+    trained = {json.loads(x)["prompt_sha256"] for x in (work / "run" / "trained_on.jsonl").read_text().splitlines()}
+    assert trained and not trained & {h["prompt_sha256"] for h in held}
+    import pyarrow.parquet as pq
+
+    from core.data import prompt_sha256
+
+    regen = [r for f in (work / "regen").glob("shard-*.parquet") for r in pq.read_table(f).to_pylist()]
+    assert len(regen) == 8 and not {r["index"] for r in regen} & {h["source_index"] for h in held}
+    assert trained <= {prompt_sha256(r["messages"]) for r in regen}  # (empty answers are skipped)
+    accepted = [n for p in report["prompts"] for n in p["accepted_drafts"]]
+    assert summary["tau"] == pytest.approx(sum(n + 1 for n in accepted) / len(accepted))
+    assert summary["best_step"] in (2, 4) and summary["measured_speedup"] > 0
     # export: validated serving folder and both engines' commands
     cfg_json = json.loads((work / "export" / "config.json").read_text())
     assert cfg_json["architectures"] == ["LlamaForCausalLMEagle3"] and cfg_json["num_hidden_layers"] == 1
@@ -149,5 +167,6 @@ def test_demo_writes_a_valid_config(tmp_path):
     cfg = RunConfig.load(tmp_path / "d" / "demo-quick.yaml")
     assert cfg.target.model == "demo" and cfg.regen.launch == "transformers"
     rows = (tmp_path / "d" / "demo-quick-conversations.jsonl").read_text().splitlines()
-    assert len(rows) == cfg.dataset.limit + cfg.eval.num_prompts
+    assert len(rows) == cfg.dataset.limit + cfg.dataset.heldout
+    assert cfg.dataset.heldout == cfg.train.select_prompts + cfg.eval.num_prompts
     assert all(sum(len(m["content"]) for m in json.loads(x)["messages"]) <= 1200 for x in rows)

@@ -11,7 +11,8 @@ from core import events as ev
 from eagle_tui.jobs import JobState, group_alive
 from eagle_tui.screens.dashboard import DashboardScreen
 from eagle_tui.screens.wizard import WizardScreen
-from eagle_tui.widgets.curves import CurveRow, metric_label
+from eagle_tui.widgets.curves import CurveRow, metric_label, plotted
+from eagle_tui.widgets.progress import summary_text
 from tui_support import make_app, plain, wait_for
 
 SIZE = (120, 40)
@@ -38,6 +39,18 @@ def test_job_state_folds_events():
     assert train.metrics["val"]["tau_sim"] == [(2, 1.8)]
     assert job.failures == 1 and list(job.failure_reasons) == [(7, "timeout")]
     assert metric_label("acc_2", "train") == "acc TTT2" and metric_label("tau_sim", "val") == "val τ_sim"
+    # the real τ measured on held-out prompts at each checkpoint is a curve next to τ_sim
+    job.apply(ev.StepMetrics(stage="train", step=2, split="heldout", metrics={"tau": 1.6, "acc_pos_0": 0.4}))
+    assert train.metrics["heldout"]["tau"] == [(2, 1.6)]
+    assert plotted("tau", "heldout") and not plotted("acc_pos_0", "heldout")
+    assert metric_label("tau", "heldout") == "held-out τ"
+
+
+def test_pipeline_summary_labels_measured_speedup_and_prompt_set():
+    text = summary_text({"tau": 1.5, "measured_speedup": 0.9, "implied_speedup": 1.2, "lossless": True,
+                         "prompt_set": {"count": 12, "held_out": 12, "trained_on": 0}}, pipeline=True).plain
+    assert "speedup measured here: 0.9" in text and "implied speedup: 1.2" in text
+    assert "τ measured on: 12 prompts, 12 held out" in text
 
 
 async def test_run_step_streams_events_into_the_dashboard(tmp_path):

@@ -1,4 +1,5 @@
-"""Live training curves: one sparkline per metric (loss, accuracy per TTT step, τ_sim), latest value beside it."""
+"""Live training curves: one sparkline per metric (loss, accuracy per TTT step, τ_sim, and the real
+held-out τ measured at each checkpoint), latest value beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ _ACC = re.compile(r"^acc(?:uracy)?[_@-]?(?:step[_-]?)?(\d+)$")
 
 
 def plotted(name: str, split: str) -> bool:
-    """The curves that matter: loss, accuracy per TTT step and τ_sim (val: loss and τ_sim)."""
+    """The curves that matter: loss, accuracy per TTT step and τ_sim (val: loss and τ_sim), and
+    the real τ of real speculative decoding on held-out prompts (split "heldout")."""
+    if split == "heldout":
+        return name == "tau"
     if name in ("loss", "tau_sim"):
         return True
     return split == "train" and _ACC.match(name) is not None
@@ -33,6 +37,8 @@ def metric_order(name: str) -> tuple:
 
 
 def metric_label(name: str, split: str) -> str:
+    if split == "heldout" and name == "tau":
+        return "held-out τ"
     m = _ACC.match(name)
     label = f"acc TTT{m.group(1)}" if m else name.replace("tau_sim", "τ_sim").replace("tau", "τ")
     return label if split == "train" else f"{split} {label}"

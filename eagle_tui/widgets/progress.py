@@ -121,8 +121,10 @@ def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
     return out
 
 
-PIPELINE_KEYS = [("tau", "accept length τ (measured)"), ("tau_sim", "τ_sim (training)"),
-                 ("implied_speedup", "implied speedup"), ("lossless", "lossless"), ("export", "export"),
+PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"), ("prompt_set", "τ measured on"),
+                 ("tau_sim", "τ_sim (training)"), ("best_heldout_tau", "checkpoint's held-out τ"),
+                 ("measured_speedup", "speedup measured here"), ("implied_speedup", "implied speedup"),
+                 ("lossless", "lossless"), ("export", "export"),
                  ("sglang_command", "SGLang"), ("vllm_command", "vLLM"), ("seconds", "seconds")]
 
 
@@ -132,6 +134,10 @@ def summary_text(summary: dict[str, Any], pipeline: bool = False) -> Text:
     items = [(label, summary[k]) for k, label in PIPELINE_KEYS if summary.get(k) is not None] if pipeline \
         else list(summary.items())
     for k, v in items:
+        if k == "τ measured on":
+            from core.evaluate.report import prompt_set_label
+
+            v = f"{v.get('count')} prompts, {prompt_set_label(v)}"
         out.append(f"{k}: ", style="bold")
         style = "green" if k == "lossless" and v is True else "bold red" if k == "lossless" else ""
         out.append(fmt_value(v) + "\n", style=style)
