@@ -113,6 +113,7 @@ def train_config(cfg: RunConfig, target: str, resume: bool):
 
     t, f = cfg.train, cfg.features
     common = dict(output_dir=str(cfg.step_output_dir("train")), num_layers=t.num_layers,
+                  head_init=t.head_init, freeze_head=t.freeze_head, init_from=t.init_from,
                   ttt_length=t.ttt_length, decay=t.decay, lr=t.lr, warmup_ratio=t.warmup_ratio,
                   grad_clip=t.grad_clip, grad_accum=t.grad_accum,
                   max_tokens_per_batch=t.max_tokens_per_batch, epochs=t.epochs,

@@ -91,6 +91,9 @@ class TrainSection:
     keep_last: int = 2
     seed: int = 0
     num_layers: int = 1
+    head_init: str = "random"  # random | target (lm_head rows of the target's head, tied: embeddings)
+    freeze_head: bool = False
+    init_from: Optional[str] = None  # warm start from an exported draft or a run
     nproc: int = 1
     # real τ on this many held-out prompts at every checkpoint picks `best` (0: best = latest)
     select_prompts: int = 4
@@ -220,6 +223,8 @@ class RunConfig:
               f"must be >= features.max_length ({self.features.max_length}) so one sample fits")
         check(0.0 <= t.val_fraction < 1.0, "train.val_fraction", "must be in [0, 1)")
         check(t.num_layers >= 1, "train.num_layers", "must be >= 1")
+        choice(t.head_init, "train.head_init", ("random", "target"))
+        check(not t.freeze_head or t.head_init == "target", "train.freeze_head", "needs train.head_init: target")
         check(t.nproc >= 1, "train.nproc", "must be >= 1")
         check(self.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
         check(t.select_prompts >= 0, "train.select_prompts", "must be >= 0")

@@ -54,6 +54,9 @@ class TrainConfig:
     ttt_length: int = 7
     decay: float = 0.8
     attention: str = "auto"
+    head_init: str = "random"  # random | target: lm_head rows of the target's head (tied: embeddings), norm
+    freeze_head: bool = False  # with head_init target: keep lm_head and norm fixed (speculators' choice)
+    init_from: Optional[str] = None  # warm start: an exported draft or a run / checkpoint
     # ---- optimisation --------------------------------------------------------------------------
     lr: float = 1e-4
     warmup_ratio: float = 0.015
@@ -124,7 +127,7 @@ class TrainConfig:
                 d["attention"] = "flex" if device_type == "cuda" else "sdpa"
         for k in NON_CONTENT_FIELDS:
             d.pop(k, None)
-        for k in ("target", "data", "cache", "val_data", "vocab"):
+        for k in ("target", "data", "cache", "val_data", "vocab", "init_from"):
             v = d.get(k)
             if v is not None and v != "demo" and _looks_local(v):
                 d[k] = str(Path(v).expanduser().resolve())
@@ -196,6 +199,12 @@ class TrainConfig:
             raise bad("grad_clip", f"must be >= 0, 0 = off (got {self.grad_clip})")
         if not 0 <= self.val_fraction < 1:
             raise bad("val_fraction", f"must be in [0, 1) (got {self.val_fraction})")
+        if self.head_init not in ("random", "target"):
+            raise bad("head_init", f"{self.head_init!r} is not one of random, target")
+        if self.freeze_head and self.head_init != "target":
+            raise bad("freeze_head", "freezes a head initialised from the target: add --head-init target")
+        if self.init_from is not None and not Path(self.init_from).expanduser().is_dir():
+            raise InputDataError("no such draft folder for --init-from", path=self.init_from)
         if self.attention not in ATTENTION_BACKENDS:
             raise bad("attention", f"{self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
         if self.device not in DEVICES:

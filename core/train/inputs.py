@@ -194,5 +194,14 @@ def build_draft(cfg: TrainConfig, inputs: TrainInputs):
     from core.model import Eagle3Draft
 
     torch.manual_seed(cfg.seed)
-    return Eagle3Draft.from_target(str(inputs.target), inputs.vocab,
-                                   aux_layer_ids=inputs.aux_layer_ids, num_layers=cfg.num_layers)
+    draft = Eagle3Draft.from_target(str(inputs.target), inputs.vocab,
+                                    aux_layer_ids=inputs.aux_layer_ids, num_layers=cfg.num_layers)
+    if cfg.head_init == "target":
+        from core.model.init import init_head_from_target
+
+        inputs.extra.update(init_head_from_target(draft, inputs.target, cfg.freeze_head))
+    if cfg.init_from:
+        from core.model.init import warm_start
+
+        inputs.extra.update(warm_start(draft, cfg.init_from))
+    return draft

@@ -80,6 +80,14 @@ def register(app: typer.Typer) -> None:
         decay: float = typer.Option(0.8, "--decay", help="Loss weight of TTT step k is decay^k."),
         attention: str = typer.Option("auto", "--attention", help="auto (flex on CUDA, sdpa on CPU) "
                                       "| sdpa | flex | eager | naive (reference)."),
+        head_init: str = typer.Option("random", "--head-init", help="random | target: lm_head rows from "
+                                      "the target's output head (tied targets: its embeddings), norm "
+                                      "from its final norm."),
+        freeze_head: bool = typer.Option(False, "--freeze-head", help="With --head-init target: keep "
+                                         "lm_head and norm fixed."),
+        init_from: Optional[str] = typer.Option(None, "--init-from", help="Warm start from a draft: an "
+                                                "export (ours, or converted by `eagle export --from`) or "
+                                                "a run; its vocabulary is remapped row by row."),
         lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
         warmup_ratio: float = typer.Option(0.015, "--warmup-ratio", help="Linear warmup share, then cosine."),
         betas: str = typer.Option("0.9,0.95", "--betas", help="AdamW betas."),
@@ -117,7 +125,8 @@ def register(app: typer.Typer) -> None:
             data_strict=strict, data_exclude=exclude, val_data=val_data,
             val_fraction=val_fraction, vocab=vocab, draft_vocab_size=draft_vocab_size,
             aux_layer_ids=common.int_list(aux_layers, "--aux-layers"), max_length=max_length,
-            num_layers=num_layers, ttt_length=ttt_length, decay=decay, attention=attention, lr=lr,
+            num_layers=num_layers, ttt_length=ttt_length, decay=decay, attention=attention,
+            head_init=head_init, freeze_head=freeze_head, init_from=init_from, lr=lr,
             warmup_ratio=warmup_ratio, betas=_betas(betas), weight_decay=weight_decay,
             grad_clip=grad_clip, grad_accum=grad_accum, max_tokens_per_batch=max_tokens_per_batch,
             epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every,
