@@ -22,11 +22,13 @@ def fmt_value(v: object) -> str:
 
 class ConsoleSink:
     def __init__(self) -> None:
-        self.console = Console(stderr=False)
+        self.interactive = sys.stdout.isatty()
+        # a log file or CI reads this: never break a path or a command onto a second line
+        self.console = Console(stderr=False) if self.interactive else Console(stderr=False, width=100_000,
+                                                                              soft_wrap=True)
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
         self.totals: dict[str, int | None] = {}  # stage -> total work, to thin out per-step lines
-        self.interactive = sys.stdout.isatty()
 
     def _bar(self, stage: str, total: int | None, unit: str):
         if self.progress is None:

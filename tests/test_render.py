@@ -32,3 +32,15 @@ def test_train_steps_are_thinned_and_validation_is_kept():
 def test_unknown_total_logs_every_step():
     events = [ev.StepMetrics(stage="train", step=s, split="train", metrics={"loss": 1.0}) for s in (1, 2, 3)]
     assert [x for x in _rendered(events) if "[train]" in x] == [f"  [train] step {s}: loss=1" for s in (1, 2, 3)]
+
+
+def test_long_paths_stay_on_one_line_when_stdout_is_not_a_terminal():
+    import subprocess
+    import sys
+
+    long = "/tmp/" + "/".join(["a-rather-long-folder-name"] * 12) + "/model"
+    code = ("from core import events as ev; from eagle_tui.render import ConsoleSink; "
+            f"ConsoleSink()(ev.Log(stage='assets', message='converting x into {long} (once)'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"}).stdout
+    assert [x for x in out.splitlines() if x.strip()] == [f"converting x into {long} (once)"]
