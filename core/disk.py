@@ -112,7 +112,15 @@ def full_disk_error(exc: BaseException, default_path: str | os.PathLike) -> Disk
     e = first_full_disk(exc) or exc
     path = getattr(e, "filename", None) or str(default_path)
     where, free = free_at(path)
-    return DiskFullError(str(path), free, where)
+    return DiskFullError(str(path), free, mount_point(where))
+
+
+def mount_point(path: str | os.PathLike) -> str:
+    """The mount point of the file system holding `path` (what a user frees space on)."""
+    p = Path(path).absolute()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
 
 
 @contextlib.contextmanager
