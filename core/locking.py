@@ -47,6 +47,13 @@ def lock_path(folder: str | os.PathLike, lock_file: str | os.PathLike | None = N
     return Path(lock_file) if lock_file is not None else Path(folder) / LOCK_FILE
 
 
+def beside(path: str | os.PathLike) -> Path:
+    """The lock file for an output that appears whole (a report file, an export folder renamed
+    into place): `.NAME.eagle.lock` next to it."""
+    p = Path(path).absolute()
+    return p.parent / f".{p.name}{LOCK_FILE}"
+
+
 def _key(path: Path) -> str:
     return str(path.resolve())
 

@@ -113,8 +113,7 @@ def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict
 def export_lock_file(output_dir: str | Path) -> Path:
     """An export folder appears whole (staged beside it, then renamed into place), so its writer
     lock (core.locking) lives beside it: `.NAME.eagle.lock`."""
-    out = Path(output_dir).absolute()
-    return out.parent / f".{out.name}{locking.LOCK_FILE}"
+    return locking.beside(output_dir)
 
 
 def export_bytes(state: dict[str, Any], dtype: str) -> int:
