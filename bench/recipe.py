@@ -1,0 +1,132 @@
+"""What each training option does to held-out τ on the demo's data (issue 10, "a recipe for little data").
+
+    .venv/bin/python bench/recipe.py --workdir eagle-demo/full [--variants baseline,head-target,...]
+
+Reads a finished (or at least cached) `eagle demo` / `eagle run` workdir: its YAML, its offline
+cache and its heldout.jsonl. Every variant trains a fresh draft from the same cache with the
+pipeline's own settings (core.pipeline.train_config) plus the variant's overrides, chooses its
+checkpoint by held-out τ on the selection prompts exactly as the pipeline does, and is measured by
+`core.evaluate.evaluate` (real chain speculative decoding, greedy, lossless checked) on the same
+held-out prompts after them, which nothing trained on and nothing chose by. Prints τ, acceptance
+per position, training's τ_sim, the chosen step and the training minutes, and τ relative to the
+first variant with a 95% paired bootstrap interval over prompts. Timings are wall clock on this
+machine: quote them only from a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "head-target": {"head_init": "target"},
+    "head-target-frozen": {"head_init": "target", "freeze_head": True},
+    "lr-1e-3": {"lr": 1e-3},
+    "lr-2e-4": {"lr": 2e-4},
+    "epochs-20": {"epochs": 20},
+    "epochs-5": {"epochs": 5},
+    "ttt-5": {"ttt_length": 5},
+    "ttt-1": {"ttt_length": 1},
+    "decay-1": {"decay": 1.0},
+    "seed-1": {"seed": 1},  # the noise floor: same settings, another seed
+}
+
+
+def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval over prompts of τ(other) / τ(base); each list holds, per prompt, the
+    accepted draft counts of every verification."""
+    rng = random.Random(0)
+
+    def tau(rows: list[list[int]], pick: list[int]) -> float:
+        acc = [a for i in pick for a in rows[i]]
+        return sum(a + 1 for a in acc) / max(1, len(acc))
+
+    idx = list(range(len(base)))
+    ratios = sorted(tau(other, p) / tau(base, p) for p in ([rng.choice(idx) for _ in idx] for _ in range(n)))
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
+
+
+def run_variant(name: str, overrides: dict[str, Any], cfg: Any, target: str, out: Path) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from core.evaluate import EvalConfig, evaluate
+    from core.pipeline import train_config
+    from core.train import train
+
+    tc = replace(train_config(cfg, target, resume=False), output_dir=str(out / name), tensorboard=False,
+                 **overrides).validate()
+    t0 = time.monotonic()
+    res = train(tc)
+    minutes = (time.monotonic() - t0) / 60
+    e = cfg.eval
+    rep = evaluate(EvalConfig(target=target, draft=str(out / name), data=str(cfg.heldout_path()),
+                              num_prompts=e.num_prompts, num_draft_tokens=e.num_draft_tokens,
+                              max_new_tokens=e.max_new_tokens, offset=cfg.train.select_prompts,
+                              device=cfg.target.device, output=str(out / f"{name}.eval.json")))
+    s = rep["summary"]
+    return {"variant": name, "overrides": overrides, "tau": s["tau"], "accept_rate": s["accept_rate"],
+            "lossless": s["lossless"], "held_out": s["prompt_set"]["held_out"],
+            "tau_sim": res.val_last.get("tau_sim"), "best_step": res.best.get("step"),
+            "best_selection_tau": res.best.get("tau"), "steps": res.steps, "train_minutes": round(minutes, 2),
+            "measured_speedup": s["measured_speedup"], "implied_speedup": s["implied_speedup"],
+            "accepted": [p["accepted_drafts"] for p in rep["prompts"]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="an eagle demo / eagle run workdir with cache/ and heldout.jsonl")
+    ap.add_argument("--config", help="its YAML (default: the one *.yaml next to or in the workdir)")
+    ap.add_argument("--variants", default="baseline,head-target,head-target-frozen,lr-1e-3,epochs-20,ttt-5,seed-1")
+    ap.add_argument("--out", help="where variant runs go (default WORKDIR/recipe)")
+    a = ap.parse_args()
+
+    from core.pipeline import resolve_target
+    from core.runconfig import RunConfig
+
+    wd = Path(a.workdir).resolve()
+    yaml = Path(a.config) if a.config else next(iter(sorted(wd.glob("*.yaml")) or sorted(wd.parent.glob("*.yaml"))), None)
+    if yaml is None:
+        sys.exit(f"error: no pipeline YAML in {wd} or its parent; pass --config")
+    cfg = RunConfig.load(yaml)
+    if cfg.workdir_path().resolve() != wd:
+        cfg.workdir = str(wd)
+    if not (cfg.step_output_dir("cache") / "manifest.json").is_file() or not cfg.heldout_path().is_file():
+        sys.exit(f"error: {wd} has no finished cache/ and heldout.jsonl; run the pipeline's cache step first")
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    target = resolve_target(cfg.target.model)
+    out = Path(a.out) if a.out else wd / "recipe"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in a.variants.split(","):
+        done = out / f"{name}.json"
+        if done.is_file():  # resumable: a finished variant is not trained again
+            rows.append(json.loads(done.read_text()))
+        else:
+            rows.append(run_variant(name, VARIANTS[name], cfg, target, out))
+            done.write_text(json.dumps(rows[-1]))
+        r = rows[-1]
+        print(f"{r['variant']:<20} τ {r['tau']:.3f}  per position {' / '.join(f'{x:.2f}' for x in r['accept_rate'])}"
+              f"  τ_sim {r['tau_sim'] or 0:.3f}  best step {r['best_step']}  {r['train_minutes']:.1f} min",
+              flush=True)
+    base = rows[0]
+    print(f"\nheld-out prompts: {base['held_out']} (k={cfg.eval.num_draft_tokens}, greedy, bonus counted); "
+          f"ratios vs {base['variant']} with 95% paired bootstrap over prompts")
+    for r in rows[1:]:
+        lo, hi = paired_ratio_interval(base["accepted"], r["accepted"])
+        print(f"  {r['variant']:<20} {r['tau'] / base['tau']:.3f}x  [{lo:.3f}, {hi:.3f}]")
+    (out / "summary.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "accepted"} for r in rows],
+                                                 indent=1))
+
+
+if __name__ == "__main__":
+    main()
