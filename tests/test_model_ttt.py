@@ -299,3 +299,26 @@ def test_topk_targets_equal_their_dense_expansion():
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(UsageError, match="outside the draft vocab"):
         ttt_forward_loss(make_draft(), dict(sparse_batch, target_topk_ids=sparse_batch["target_topk_ids"] + VD))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_bf16_autocast_keeps_fp32_master_weights_and_the_loss(backend):
+    """What CUDA training does (bf16 autocast over fp32 weights), on CPU: the loss stays close to fp32
+    and every gradient lands in fp32 on the fp32 parameters."""
+    bench = load_bench()
+    docs, _ = make_docs([13, 9, 11], seed=4)
+    batch = bench.pack_docs(docs, 40)
+    ref_d, d = make_draft(), make_draft()
+    ref = ttt_forward_loss(ref_d, batch, ttt_length=3, attention_backend=backend)
+    ref.loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ttt_forward_loss(d, batch, ttt_length=3, attention_backend=backend)
+        out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=0.0)
+    g, g_ref = grads(d), grads(ref_d)
+    for name, p in d.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and g[name].dtype == torch.float32, name
+            cos = torch.nn.functional.cosine_similarity(g[name].flatten(), g_ref[name].flatten(), dim=0)
+            assert float(cos) > 0.98, name
