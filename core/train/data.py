@@ -206,3 +206,41 @@ def cache_lengths(reader: Any) -> list[int]:
     if lengths is not None:
         return [int(n) for n in (lengths() if callable(lengths) else lengths)]
     return [int(reader[i]["input_ids"].shape[0]) for i in range(len(reader))]
+
+
+# ---- prefetching (offline sources) ---------------------------------------------------------------
+class StepBatches(torch.utils.data.Dataset):
+    """Item j: the j-th micro-batch this rank consumes from `start_step` on, collated on the CPU.
+
+    The schedule is a pure function of the step (BatchPlan), so a resumed run builds this from its
+    checkpoint's step and reads exactly the micro-batches the uninterrupted run would have read.
+    """
+
+    def __init__(self, source: Any, plan: BatchPlan, start_step: int, end_step: int):
+        self.source, self.plan = source, plan
+        self.start, self.end, self.per_step = start_step, end_step, plan.grad_accum
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start) * self.per_step
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        step = self.start + j // self.per_step
+        return self.source.batch(self.plan.step(step).micro_batches[j % self.per_step], torch.device("cpu"))
+
+
+def prefetch_loader(source: Any, plan: BatchPlan, start_step: int, end_step: int, workers: int = 2,
+                    pin_memory: bool = False, prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """Micro-batches of steps [start_step, end_step) in order, read ahead by `workers` processes.
+
+    For offline sources (cache reads, fp8 dequantisation and collation leave the training process);
+    an online source runs the target on the GPU and must stay in-process (workers=0). Move each
+    batch with `to_device(batch, device)` (non-blocking from pinned memory).
+    """
+    ds = StepBatches(source, plan, start_step, end_step)
+    extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=pin_memory, **extra)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
