@@ -256,4 +256,3 @@ def test_metric_accumulator_is_token_weighted_and_exact():
     assert m["acc_0"] == pytest.approx(0.5) and m["acc_1"] == pytest.approx(0.2)
     assert m["tau_sim"] == pytest.approx(1 + 0.5 + 0.5 * 0.2) == tau_sim([0.5, 0.2])
     assert m["tokens"] == 30 and m["supervised"] == 8
-
