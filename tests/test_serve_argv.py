@@ -147,7 +147,7 @@ def test_missing_engine_exit_2(export_dir, tiny_target, tmp_path, capsys, monkey
     assert not (tmp_path / "run" / "export").exists()
 
 
-def test_bench_refuses_without_gpu(export_dir, tiny_target, capsys):
+def test_bench_sglang_refuses_without_gpu(export_dir, tiny_target, capsys):
     import torch
 
     from eagle_tui.cli import main
@@ -155,7 +155,8 @@ def test_bench_refuses_without_gpu(export_dir, tiny_target, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: --bench would start real servers")
     rc = main(["serve", "--target", str(tiny_target), "--draft", str(export_dir), "--bench"])
-    assert rc == 2 and "need a CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA GPU" in err and "--engine vllm" in err
 
 
 def test_vllm_metrics_parser():

