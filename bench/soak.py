@@ -93,8 +93,8 @@ LAST = {"advanced": False}  # whether the last interrupted run had written some 
 
 def interrupt(argv: list[str], progress: Callable[[], int], total: int, rng: random.Random,
               sig: int = signal.SIGKILL, startup_s: float = 3.0) -> int | None:
-    """Start the stage and send `sig` at a random moment: after a random share of the remaining
-    work plus up to 0.3 s, or (one time in five) a random time into start-up. Returns the exit
+    """Start the stage and send `sig` at a random moment: once a random share of the remaining
+    work is written, plus up to 0.3 s, or (one time in five) a random time into start-up. Returns the exit
     code, or None if the run ended before the signal (then it ran to its end)."""
     start = progress()
     proc = subprocess.Popen([*EAGLE, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -105,7 +105,7 @@ def interrupt(argv: list[str], progress: Callable[[], int], total: int, rng: ran
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.01)
         else:
-            target = start + rng.randint(0, max(0, total - start - 1))
+            target = start + rng.randint(1, max(1, total - start - 1))  # after some new work
             delay = rng.uniform(0.0, 0.3)
             t_end = time.monotonic() + 600
             while proc.poll() is None and progress() < target:

@@ -33,8 +33,9 @@ class DiskSpaceError(EagleError):
 class DiskFullError(DiskSpaceError):
     """ENOSPC while writing `path`; whatever was finished before is kept and resumable."""
 
-    def __init__(self, path: str, free: int, where: str):
-        super().__init__(f"no space left on device writing {path} ({fmt_bytes(free)} free on {where})",
+    def __init__(self, path: str, free: int, where: str, named: bool = True):
+        what = path if named else f"a file under {path}"
+        super().__init__(f"no space left on device writing {what} ({fmt_bytes(free)} free on {where})",
                          path, free, hint="free some space, then resume", during_run=True)
 
 
@@ -110,9 +111,10 @@ def first_full_disk(exc: BaseException) -> BaseException | None:
 
 def full_disk_error(exc: BaseException, default_path: str | os.PathLike) -> DiskFullError:
     e = first_full_disk(exc) or exc
-    path = getattr(e, "filename", None) or str(default_path)
+    named = getattr(e, "filename", None)
+    path = named or str(default_path)
     where, free = free_at(path)
-    return DiskFullError(str(path), free, mount_point(where))
+    return DiskFullError(str(path), free, mount_point(where), named=bool(named))
 
 
 def mount_point(path: str | os.PathLike) -> str:

@@ -64,6 +64,13 @@ def test_resume_command_and_error_line():
     assert line == ("no space left on device writing /fs/out/shard-000001.parquet (4.1 KB free on /fs); "
                     "free some space, then run: eagle cache --output c --resume")
     assert "\n" not in line
+    # a library that names no file: the command's output folder is named instead
+    bare = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                        "message: \"No space left on device\" })")
+    args = ["train", "--output-dir", "/nonexistent/run"]
+    err = disk.full_disk_error(bare, common.output_of(args))
+    assert disk.is_full_disk(bare) and common.error_line(err, args).startswith(
+        "no space left on device writing a file under /nonexistent/run (")
 
 
 def test_regen_refuses_with_the_numbers_before_writing(small_fs, tmp_path):

@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         from core.disk import first_full_disk, full_disk_error
 
         if first_full_disk(e) is not None:  # ENOSPC from a step that did not name the file itself
-            err = full_disk_error(e, "(unnamed file)")
-            return _fail(common.error_line(err, sys.argv[1:] if argv is None else argv), err.exit_code)
+            args = sys.argv[1:] if argv is None else argv
+            err = full_disk_error(e, common.output_of(args))
+            return _fail(common.error_line(err, args), err.exit_code)
         return _fail(f"{type(e).__name__}: {e} (run with --debug for the traceback)", EXIT_FAILURE)
 
 

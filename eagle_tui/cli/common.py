@@ -77,6 +77,14 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["eagle", *args])
 
 
+def output_of(argv: list[str]) -> str:
+    """The folder a command writes (for a full disk that no file was named for)."""
+    for i, a in enumerate(argv[:-1]):
+        if a in ("--output-dir", "--output", "-o", "--workdir"):
+            return argv[i + 1]
+    return os.getcwd()
+
+
 def error_line(err: Exception, argv: list[str]) -> str:
     """The one-line message for an error; a step stopped by the disk says how to continue."""
     from core.disk import DiskSpaceError
