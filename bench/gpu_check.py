@@ -34,9 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.model import DraftConfig, Eagle3Draft  # noqa: E402
-from core.model.attention import TTTAttention  # noqa: E402
-from core.model.ttt import ttt_forward_loss  # noqa: E402
+from core.model import DraftConfig, Eagle3Draft
+from core.model.attention import TTTAttention
+from core.model.ttt import ttt_forward_loss
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, target_hidden_size=4096, intermediate_size=14336,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0)

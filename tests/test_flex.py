@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.model import attention as A
-from core.model.attention import TTTAttention, bucket_length, flex_block_mask
+from core.model.attention import TTTAttention, bucket_length
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 NH, NKV, HD = 4, 2, 8
@@ -79,10 +79,10 @@ def test_padded_flex_equals_naive(lengths, pad):
 def test_compiles_once_per_bucket_across_batches_and_steps(monkeypatch):
     """Forward through the TTT unroll with a counting torch.compile backend: varied packed batches and
     every TTT step reuse one graph per length bucket (dynamic=False would compile per shape)."""
+    import torch._dynamo
+
     from core.model import DraftConfig, Eagle3Draft
     from core.model.ttt import ttt_forward_loss
-
-    import torch._dynamo
 
     graphs = []
 
@@ -132,3 +132,20 @@ def test_compiled_flex_on_cpu_equals_naive(monkeypatch):
     with torch.no_grad():
         for a, r in zip(run("flex", doc, 3, max_steps=3), run("naive", doc, 3)):
             torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention backward needs CUDA")
+def test_compiled_flex_gradients_on_cuda_equal_naive():  # pragma: no cover - runs on GPU machines
+    doc = packed_doc([100, 200, 37], 5).cuda()
+
+    def grads(backend):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        t = doc.shape[1]
+        mk = lambda n: torch.randn(1, n, t, HD, generator=g, device="cuda", requires_grad=True)
+        qs, ks, vs = [mk(NH) for _ in range(3)], [mk(NKV) for _ in range(3)], [mk(NKV) for _ in range(3)]
+        attn = TTTAttention(doc, NH, NKV, HD, backend, max_steps=4)
+        outs = [attn.attend(s)(0, qs[s], ks[s], vs[s]) for s in range(3)]
+        return outs + list(torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(outs)), qs + ks + vs))
+
+    for a, r in zip(grads("flex"), grads("naive")):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-3)

@@ -101,10 +101,10 @@ def test_memory_kept_for_backward_grows_with_k_not_the_draft_vocab():
 
 
 def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
-    h, w, dense, topk = sparse_case()
+    h, w, _, topk = sparse_case()
     h, w = h.float().requires_grad_(), w.float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, pred = head_soft_ce_sum(h, w, (topk[0], topk[1].float()))
+        ours, _ = head_soft_ce_sum(h, w, (topk[0], topk[1].float()))
         ref = soft_cross_entropy_sum(torch.nn.functional.linear(h, w), topk_expand(
             topk[1].half(), topk[0], w.shape[0]))
     assert ours.dtype == torch.float32

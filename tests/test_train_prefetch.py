@@ -8,6 +8,7 @@ import torch
 
 from core.train.data import BatchPlan
 
+
 class _FakeSource:
     """Documents whose features encode their index (so a batch names what it holds)."""
 

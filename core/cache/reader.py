@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from core.cache import layout
+from core.cache import layout, quant
 from core.cache.layout import CacheDims, StorageOptions
-from core.cache import quant
 from core.cache.quant import fp8_dequantize, topk_expand
 from core.errors import CorruptDataError, InputDataError, UsageError
 from core.manifest import load_manifest, sha256_file
