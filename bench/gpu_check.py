@@ -91,8 +91,8 @@ def check_flex(ctx: Ctx) -> dict:
     t = doc.shape[1]
     g = torch.Generator(device=ctx.device).manual_seed(0)
 
-    def make(dtype, grad):
-        base = [[torch.randn(1, n, t, hd, generator=g, device=ctx.device) for _ in range(steps)]
+    def make(dtype, grad, length=t):
+        base = [[torch.randn(1, n, length, hd, generator=g, device=ctx.device) for _ in range(steps)]
                 for n in (nh, nkv, nkv)]
         return [[x.to(dtype).requires_grad_(grad) for x in group] for group in base]
 
@@ -117,9 +117,7 @@ def check_flex(ctx: Ctx) -> dict:
     # varied packed lengths in one bucket: no new graphs after the first batch
     for lens in ([650, 1000, 348], [2000], [1024, 1000]) if ctx.cuda else ([50, 140], [190]):
         d = packed_doc(lens, ctx.device)
-        q = make(torch.bfloat16, grad)
-        q = [[x[:, :, :d.shape[1]].detach().requires_grad_(grad) for x in group] for group in q]
-        _attn_run("flex", d, q, steps, steps, grad)
+        _attn_run("flex", d, make(torch.bfloat16, grad, d.shape[1]), steps, steps, grad)
     ctx.sync()
     res["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs0
     res["flex_calls"] = 4 * steps
@@ -223,8 +221,9 @@ def check_capture(ctx: Ctx) -> dict:
         n, length, vd = 4, 64, 200
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, rope_theta=500000.0, **shape))
-    model = model.to(device=ctx.device, dtype=dtype).eval()
+    with torch.device(ctx.device):  # initialise on the device (1.2B parameters)
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, rope_theta=500000.0, **shape))
+    model = model.to(dtype=dtype).eval()
     vocab = build_vocab(torch.randint(1, 100, (shape["vocab_size"],)), vd, shape["vocab_size"])
     ex = TargetFeatureExtractor(model, vocab, device=ctx.device, dtype=dtype, max_batch_tokens=16384,
                                 check_head=False)

@@ -11,5 +11,10 @@ py="${PYTHON:-}"
 if [ -z "$py" ]; then
     if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
+if ! "$py" -c "import torch" 2>/dev/null; then
+    printf '{"status": "skipped: %s cannot import torch", "sections": {}}\n' "$py" > "$out"
+    echo "gpu_check: $py cannot import torch (set PYTHON, or run scripts/dev.sh setup)" >&2
+    exit 2
+fi
 # 480 s of sections (none starts without the time it needs), a hard stop at 590 s
 exec timeout --kill-after=10 590 "$py" bench/gpu_check.py --out "$out" --budget-s 480 "$@"
