@@ -102,6 +102,8 @@ class DatasetPane(Pane):
                        hint="use at most this many conversations")
         yield FieldRow("dataset.shuffle_seed", "Shuffle seed", "optint", placeholder="no shuffle")
         yield FieldRow("dataset.strict", "Strict", "bool", hint="stop at the first bad row")
+        yield FieldRow("dataset.heldout", "Held out", "optint", minimum=0, placeholder="selection + eval prompts",
+                       hint="reserved before anything trains; never trained on")
         yield Static("Press Preview to read the first conversations and the bad-row report.",
                      id="preview-area", classes="preview")
 

@@ -31,7 +31,14 @@ class TrainPane(Pane):
         yield FieldRow("train.grad_accum", "Grad accumulation", "int", minimum=1)
         yield FieldRow("train.grad_clip", "Grad clip", "float", minimum=0)
         yield FieldRow("train.val_fraction", "Validation share", "float", minimum=0, maximum=0.99)
+        yield FieldRow("train.head_init", "Head init", "choice", choices=[
+            ("random", "random"), ("target's head rows", "target")])
+        yield FieldRow("train.freeze_head", "Freeze head", "bool", hint="with the target's head rows")
+        yield FieldRow("train.init_from", "Warm start from", "optstr", placeholder="none",
+                       hint="an exported draft or a run")
         yield FieldRow("train.save_every", "Save every", "int", minimum=1, hint="steps between checkpoints")
+        yield FieldRow("train.select_prompts", "Selection prompts", "int", minimum=0,
+                       hint="held-out τ at each checkpoint picks best")
         yield FieldRow("train.keep_last", "Keep checkpoints", "int", minimum=1)
         yield FieldRow("train.num_layers", "Draft layers", "int", minimum=1)
         yield FieldRow("train.nproc", "Processes", "int", minimum=1, hint="torchrun --nproc-per-node")
