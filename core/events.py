@@ -154,15 +154,6 @@ class CallbackSink:
         self.fn(event)
 
 
-class TeeSink:
-    def __init__(self, *sinks: EventSink) -> None:
-        self.sinks = sinks
-
-    def __call__(self, event: Event) -> None:
-        for s in self.sinks:
-            s(event)
-
-
 class RateMeter:
     """Throughput and ETA over a run, for Progress events."""
 

@@ -134,11 +134,6 @@ def bytes_per_token(dims: CacheDims, opts: StorageOptions) -> int:
 PER_SAMPLE_FIXED_BYTES = 16  # one offsets entry + one sample_index entry
 
 
-def sample_bytes(length: int, dims: CacheDims, opts: StorageOptions) -> int:
-    """Data bytes one sample adds to a shard (headers excluded; see shard_file_bytes)."""
-    return length * bytes_per_token(dims, opts) + PER_SAMPLE_FIXED_BYTES
-
-
 def safetensors_header_bytes(specs: dict[str, tuple[str, tuple[int, ...]]],
                              metadata: dict[str, str] | None = None) -> int:
     """Size of a safetensors header (8-byte length + JSON padded to 8 bytes) for these tensors."""

@@ -19,7 +19,6 @@ math (P-EAGLE, norm_before_residual, extra layers) are refused with an explanati
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,9 +291,3 @@ def convert_checkpoint(cfg: ConvertConfig, events: EventSink | None = None) -> C
     return ConvertResult(str(cfg.output_dir), layout, fixes, meta)
 
 
-def is_convertible(path: str | os.PathLike) -> bool:
-    try:
-        detect_source(Path(path))
-        return True
-    except InputDataError:
-        return False

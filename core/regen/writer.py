@@ -70,8 +70,3 @@ def write_failures(directory: str | Path, records: Iterable[dict[str, Any]]) -> 
     return path
 
 
-def read_failures(directory: str | Path) -> list[dict[str, Any]]:
-    path = Path(directory) / FAILURES
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -100,7 +100,6 @@ ExcludeOpt = typer.Option(None, "--exclude", help="A JSONL of held-out conversat
 CheckpointOpt = typer.Option("best", "--checkpoint", help="Of a training run: best (highest held-out "
                              "τ measured during training; the latest when none was), latest, or a "
                              "step (step-N or N).")
-EventsOpt = Optional[str]
 
 
 def int_list(value: Optional[str], option: str) -> Optional[list[int]]:

@@ -7,7 +7,7 @@ valid (validation as you type); an invalid row keeps the last good value and say
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal
@@ -201,5 +201,3 @@ def split_urls(text: str) -> list[str]:
     return [u for u in re.split(r"[,\s]+", text.strip()) if u]
 
 
-def rows_of(widgets: Iterable[Any]) -> list[FieldRow]:
-    return [w for w in widgets if isinstance(w, FieldRow)]
