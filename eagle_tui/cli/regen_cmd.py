@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from typing import List, Optional
 
@@ -83,6 +85,23 @@ def start(
                                 f"{server.log_tail()}")
 
 
+@contextlib.contextmanager
+def _engine_python_env(engine_python: Optional[str]):
+    """--engine-python reaches core.target_server (which checks it) as $EAGLE_ENGINE_PYTHON for the run."""
+    from core.target_server import ENGINE_PYTHON_ENV
+
+    old = os.environ.get(ENGINE_PYTHON_ENV)
+    if engine_python:
+        os.environ[ENGINE_PYTHON_ENV] = engine_python
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENGINE_PYTHON_ENV, None)
+        else:
+            os.environ[ENGINE_PYTHON_ENV] = old
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(server_app, name="target-server")
 
@@ -153,17 +172,13 @@ def register(app: typer.Typer) -> None:
             request_timeout=request_timeout, max_retries=max_retries,
             max_failure_rate=max_failure_rate, resume=resume, retry_failed=retry_failed)
         cfg.validate()  # before anything is read, written or connected
-        if engine_python:
-            import os
-
+        if engine_python and launch not in ("sglang", "vllm"):
             from core.errors import UsageError
-            from core.target_server import ENGINE_PYTHON_ENV
 
-            if launch not in ("sglang", "vllm"):
-                raise UsageError("--engine-python needs --launch sglang or --launch vllm")
-            os.environ[ENGINE_PYTHON_ENV] = engine_python  # read by core.target_server, checked there
+            raise UsageError("--engine-python needs --launch sglang or --launch vllm")
         _sigterm_as_interrupt()
-        result = regenerate(cfg, common.make_sink("regen"))
+        with _engine_python_env(engine_python):
+            result = regenerate(cfg, common.make_sink("regen"))
         if not common.jsonl_mode():
             common.echo(f"wrote {result.done} samples to {result.output_dir} "
                         f"({result.failed} failed, {result.skipped} skipped, {result.bad_rows} bad "
