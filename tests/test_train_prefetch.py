@@ -58,3 +58,23 @@ def test_prefetch_loader_with_worker_processes():
     total = plan.total_steps(1)
     got = list(prefetch_loader(src, plan, 2, total, workers=2, prefetch=2))
     _same(got, _expected(src, plan, 2, total))
+
+
+@pytest.mark.slow
+def test_prefetch_workers_ignore_ctrl_c_meant_for_the_trainer():
+    """Ctrl-C reaches the whole process group; the trainer finishes its step, the readers keep reading."""
+    import os
+    import signal
+
+    from core.train.data import prefetch_loader
+
+    lengths = [5, 9, 3, 7] * 6
+    src = _FakeSource(lengths)
+    plan = BatchPlan(lengths, 16, seed=0)
+    total = plan.total_steps(1)
+    it = iter(prefetch_loader(src, plan, 0, total, workers=1, prefetch=1))
+    got = [next(it)]
+    for w in it._workers:
+        os.kill(w.pid, signal.SIGINT)
+    got += list(it)
+    _same(got, _expected(src, plan, 0, total))

@@ -120,11 +120,6 @@ class BatchPlan:
         micro = self.epoch_micro_batches(epoch)[k * self.group:(k + 1) * self.group]
         return sum(self.lengths[i] for mb in micro for i in mb)
 
-    def eval_shards(self) -> list[list[int]]:
-        """Validation: all micro-batches in fixed order, round-robin over ranks."""
-        micro = self.epoch_micro_batches(0)
-        return micro[self.rank::self.world_size]
-
 
 # ---- collation ---------------------------------------------------------------------------------
 def collate(docs: Sequence[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -237,9 +232,19 @@ def prefetch_loader(source: Any, plan: BatchPlan, start_step: int, end_step: int
     batch with `to_device(batch, device)` (non-blocking from pinned memory).
     """
     ds = StepBatches(source, plan, start_step, end_step)
-    extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    extra = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init} if workers > 0 else {}
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, **extra)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group but is for the trainer, which finishes its step and
+    saves: the readers must not die under it. (SIGTERM stays default: the DataLoader and
+    multiprocessing end stuck readers with it.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)  # readers share the cores with the trainer
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
