@@ -122,11 +122,12 @@ def test_two_regen_processes_into_one_folder(tmp_path):
     specs = [f"q{i}" for i in range(n)]
     inp = write_conversations(tmp_path / "in.jsonl", specs)
     out = tmp_path / "out"
-    with FaultServer(delay_s=0.1, max_lifetime_s=120) as srv:
+    with FaultServer(delay_s=0.3, max_lifetime_s=120) as srv:
         argv = ["regen", "--input-data", inp, "--output-dir", str(out), "--model", "tiny",
-                "--target-server", srv.url, "--shard-size", "10", "--concurrency", "2"]
-        first = subprocess.Popen([*EAGLE, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 cwd=REPO)
+                "--target-server", srv.url, "--shard-size", "10"]
+        # one request at a time: the first writer is still busy (~18 s) when the second starts
+        first = subprocess.Popen([*EAGLE, *argv, "--concurrency", "1"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, cwd=REPO)
         deadline = time.monotonic() + 60
         while not (out / "manifest.json").exists():
             assert first.poll() is None and time.monotonic() < deadline, "first regen did not start"
@@ -140,8 +141,8 @@ def test_two_regen_processes_into_one_folder(tmp_path):
         assert first.poll() is None  # the first writer is untouched
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-        third = subprocess.run([*EAGLE, *argv, "--resume"], capture_output=True, text=True,
-                               timeout=120, cwd=REPO)
+        third = subprocess.run([*EAGLE, *argv, "--resume", "--concurrency", "8"], capture_output=True,
+                               text=True, timeout=120, cwd=REPO)
         assert third.returncode == 0, third.stderr
     rows, fails = read_output(out)
     assert sorted(r["index"] for r in rows) == list(range(n)) and not fails
