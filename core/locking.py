@@ -67,7 +67,11 @@ def _describe(raw: bytes) -> str:
 
 
 def _command() -> str:
-    cmd = shlex.join(getattr(sys, "orig_argv", None) or sys.argv)
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if name in ("eagle", "eagle-tui"):  # the console script: say it as the user typed it
+        cmd = shlex.join([name, *sys.argv[1:]])
+    else:
+        cmd = shlex.join(getattr(sys, "orig_argv", None) or sys.argv)
     return cmd if len(cmd) <= 300 else cmd[:299] + "…"
 
 
