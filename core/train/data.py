@@ -13,7 +13,9 @@ function of (seed, epoch, lengths), the data position of a run is just its step 
 
 Sources turn a list of sample indices into a packed batch dict (the contract of
 core.model.ttt.ttt_forward_loss): `OnlineSource` runs the frozen target on tokenized
-conversations inside the step, `OfflineSource` reads `eagle cache` output.
+conversations inside the step, `OfflineSource` reads `eagle cache` output (top-k targets stay
+top-k). `prefetch_loader` reads an offline source ahead in worker processes, in schedule order
+from any resume step.
 """
 
 from __future__ import annotations
