@@ -3,7 +3,7 @@
     .venv/bin/python bench/cache_accept.py [--quick] [--train 96] [--steps 240] [--prompts 8]
 
 On the embedded SmolLM2-135M-Instruct target and short demo ShareGPT conversations
-(core.assets.write_demo_subset: the first --train conversations train, the next --prompts are
+(core.data.demo.write_demo_subset: the first --train conversations train, the next --prompts are
 held-out eval prompts), this builds one cache per storage option with the real `build_cache`:
 
   baseline    aux bf16 + the full draft-vocab distribution (bf16): what NeMo stores, unpadded
@@ -185,7 +185,8 @@ def main() -> None:
     a.max_new_tokens = a.max_new_tokens or (32 if q else 64)
     spread, noise = not (q or a.no_spread), not (q or a.no_noise)
 
-    from core.assets import demo_target, write_demo_subset
+    from core.assets import demo_target
+    from core.data.demo import write_demo_subset
     from core.budget import TargetShape
 
     t_all = time.perf_counter()

@@ -162,7 +162,7 @@ def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dic
     import json
 
     from core.export import ExportConfig, export_draft
-    from core.serve import find_checkpoint
+    from core.train.checkpoint import find_checkpoint
 
     out = cfg.step_output_dir("export")
     run = cfg.step_output_dir("train")

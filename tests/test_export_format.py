@@ -97,7 +97,8 @@ def test_config_json_follows_reference_section_2(tiny_target, tmp_path):
 
 
 def test_default_aux_layers_are_omitted():
-    from core.export.format import build_serving_config, engine_aux_fields
+    from core.export.format import build_serving_config
+    from core.export.spec import engine_aux_fields
 
     assert engine_aux_fields([1, 15, 28], 32)["default"]  # Llama-3.1-8B default
     cfg = dict(vocab_size=100, draft_vocab_size=10, hidden_size=8, intermediate_size=16,

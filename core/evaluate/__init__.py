@@ -123,7 +123,7 @@ def check_held_out(cfg: EvalConfig, prompts: list[tuple[int, str, list[int]]]) -
 
 def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
     """(draft, info) for a run / checkpoint or a serving folder."""
-    from core.serve import find_checkpoint
+    from core.train.checkpoint import find_checkpoint
 
     src = Path(cfg.draft)
     if find_checkpoint(src, cfg.checkpoint) is not None:

@@ -137,7 +137,7 @@ def convert_checkpoint(cfg: ConvertConfig, events: EventSink | None = None) -> C
 
 
 def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportResult:
-    from core.serve import find_checkpoint
+    from core.train.checkpoint import find_checkpoint
 
     events = events or NullSink()
     cfg.validate()

@@ -26,8 +26,8 @@ from typing import Any
 
 from core.errors import InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, StageFinished, StageStarted
-from core.export.format import (CONFIG, META, OPTIONAL_KEYS, REQUIRED_KEYS, load_safetensors_dir,
-                                read_json_file, write_export)
+from core.export.format import CONFIG, META, load_safetensors_dir, read_json_file, write_export
+from core.export.spec import OPTIONAL_KEYS, REQUIRED_KEYS
 from core.export.check import speculators_flat_config
 from core.export.validate import PEAGLE_HINT, normalize_key
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from core.export.format import ARCHITECTURE, OPTIONAL_KEYS, REQUIRED_KEYS, engine_aux_fields
+from core.export.spec import ARCHITECTURE, OPTIONAL_KEYS, REQUIRED_KEYS, engine_aux_fields
 
 CONVERT_HINT = "convert it: eagle export --from DIR --output NEW_DIR"
 PEAGLE_HINT = ("P-EAGLE heads only load in vLLM's parallel-drafting runtime (vLLM >= 0.16): "

@@ -248,6 +248,32 @@ def pick_checkpoint(run_dir: str | Path, which: str = "best") -> Path | None:
     return d
 
 
+def find_checkpoint(path: str | Path, which: str = "best") -> Path | None:
+    """The checkpoint folder (holding draft.safetensors) of a run dir (its `which` checkpoint) or
+    of a checkpoint dir; for other layouts a `latest` link/file or the highest step-N; else None."""
+    path = Path(path)
+    if (path / DRAFT_FILE).is_file():
+        return path
+    if (path / "manifest.json").is_file() and (path / CHECKPOINTS).is_dir():
+        cand = pick_checkpoint(path, which)
+        if cand is not None and (cand / DRAFT_FILE).is_file():
+            return cand
+    for base in (path, path / CHECKPOINTS):
+        latest = base / LATEST
+        if latest.is_symlink() or latest.is_dir():
+            cand = latest.resolve()
+        elif latest.is_file():
+            cand = path / CHECKPOINTS / latest.read_text().strip()
+            if not cand.is_dir():
+                cand = base / latest.read_text().strip()
+        else:
+            continue
+        if (cand / DRAFT_FILE).is_file():
+            return cand
+    steps = [p for _, p in list_checkpoints(path) if (p / DRAFT_FILE).is_file()]
+    return steps[-1] if steps else None
+
+
 # ---- reading ----------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:

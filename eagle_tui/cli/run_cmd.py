@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
         """
         from core.runconfig import RunConfig
 
-        from core.assets import write_demo_subset
+        from core.data.demo import write_demo_subset
 
         wd = Path(workdir).expanduser().resolve()
         kind = "quick" if quick else "full"
