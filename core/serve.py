@@ -113,39 +113,6 @@ class ServePlan:
 
 # ---- draft resolution --------------------------------------------------------------------------
 
-def find_checkpoint(path: Path, which: str = "best") -> Path | None:
-    """The checkpoint folder (holding draft.safetensors) of a run dir (its `which` checkpoint:
-    best by held-out τ, latest, or a step) or of a checkpoint dir, or None."""
-    from core.train.checkpoint import pick_checkpoint
-
-    if (path / "draft.safetensors").is_file():
-        return path
-    if (path / "manifest.json").is_file() and (path / "checkpoints").is_dir():
-        cand = pick_checkpoint(path, which)
-        if cand is not None and (cand / "draft.safetensors").is_file():
-            return cand
-    for base in (path, path / "checkpoints"):  # other layouts: a `latest` link or file
-        latest = base / "latest"
-        if latest.is_symlink() or latest.is_dir():
-            cand = latest.resolve()
-        elif latest.is_file():
-            cand = (path / "checkpoints" / latest.read_text().strip())
-            if not cand.is_dir():
-                cand = base / latest.read_text().strip()
-        else:
-            continue
-        if (cand / "draft.safetensors").is_file():
-            return cand
-    ckpts = sorted((path / "checkpoints").glob("step-*"), key=lambda p: _step_of(p))
-    ckpts = [c for c in ckpts if (c / "draft.safetensors").is_file()]
-    return ckpts[-1] if ckpts else None
-
-
-def _step_of(p: Path) -> int:
-    m = re.search(r"(\d+)$", p.name)
-    return int(m.group(1)) if m else -1
-
-
 def default_export_dir(ckpt: Path) -> Path:
     """<run>/export/<step-N> for <run>/checkpoints/<step-N>; <ckpt>-export otherwise."""
     if ckpt.parent.name == "checkpoints":
@@ -165,6 +132,8 @@ def resolve_draft(cfg: ServeConfig) -> DraftPlan:
     if not p.is_dir():
         raise InputDataError("the draft must be a folder (run, checkpoint or export) or a hub id",
                              path=str(p))
+    from core.train.checkpoint import find_checkpoint
+
     ckpt = find_checkpoint(p)
     if ckpt is not None:
         out = Path(cfg.export_dir) if cfg.export_dir else default_export_dir(ckpt)
