@@ -74,3 +74,15 @@ def tiny_target(tmp_path_factory) -> Path:
     tok = build_tiny_tokenizer(d)
     build_tiny_llama(d, vocab_size=len(tok))
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny model's ops are small, and on a shared, busy machine spinning
+    OpenMP threads make them many times slower. Subprocesses get OMP_NUM_THREADS=1 to match."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

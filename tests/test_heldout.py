@@ -18,7 +18,7 @@ from core.errors import InputDataError, UsageError
 from core.events import ListSink
 from core.pipeline import exclude_file, training_data
 from core.runconfig import RunConfig
-from tests.train_support import REPO, metric_lines, one_thread, subprocess_env, tiny_cfg, write_conversations
+from tests.train_support import REPO, metric_lines, subprocess_env, tiny_cfg, write_conversations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

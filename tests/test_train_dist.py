@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.train import train
-from tests.train_support import (comparable, draft_weights, metric_lines, one_thread, tiny_cfg,
+from tests.train_support import (comparable, draft_weights, metric_lines, tiny_cfg,
                                  write_conversations)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import torch
 
 from core.events import CallbackSink, StepMetrics
 from core.train import train
-from tests.train_support import (REPO, comparable, draft_weights, metric_lines, one_thread,
+from tests.train_support import (REPO, comparable, draft_weights, metric_lines,
                                  subprocess_env, tiny_cfg, write_conversations)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import torch
 from core.errors import OutputExistsError, SettingsMismatchError, UsageError
 from core.events import CheckpointSaved, ListSink, StageFinished, StageStarted, StepMetrics
 from core.train import load_draft_from_run, train
-from tests.train_support import (REPO, comparable, draft_weights, metric_lines, one_thread,
+from tests.train_support import (REPO, comparable, draft_weights, metric_lines,
                                  subprocess_env, tiny_cfg, write_conversations)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,7 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(one_thread, tiny_target, data, tmp_path_factory):
+def finished_run(tiny_target, data, tmp_path_factory):
     """A finished online run: 10 steps, checkpoints every 4, keep 2."""
     out = tmp_path_factory.mktemp("runs") / "run"
     sink = ListSink()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.train_support import metric_lines, one_thread  # noqa: F401
+from tests.train_support import metric_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

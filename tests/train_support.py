@@ -6,7 +6,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,16 +51,6 @@ def metric_lines(run_dir: Path, split: str | None = None) -> list[dict]:
 def comparable(rec: dict) -> dict:
     """A metrics record without its wall-clock fields."""
     return {k: v for k, v in rec.items() if k not in ("time", "tokens_per_s", "step_seconds")}
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread: the tiny model's ops are small, and on a shared, busy machine spinning
-    OpenMP threads make them many times slower. Subprocesses get OMP_NUM_THREADS=1 to match."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def subprocess_env() -> dict:
