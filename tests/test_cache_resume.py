@@ -37,6 +37,7 @@ def _cfg(target, data, out, **kw) -> CacheConfig:
                        topk=8, **kw)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_identical(tiny_target, tmp_path):
     data = write_conversations(tmp_path / "convs.jsonl", 40, max_sentences=1)
     killed = tmp_path / "killed"

@@ -109,6 +109,7 @@ def _one_line_error(p: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_malformed_jsonl_line(tmp_path):
     f = tmp_path / "broken.jsonl"
     f.write_text(json.dumps({"messages": conv(0)}) + "\n{\"messages\": [\n" + json.dumps({"messages": conv(1)}) + "\n")
@@ -119,16 +120,19 @@ def test_malformed_jsonl_line(tmp_path):
     assert p.returncode == 0 and re.search(r"malformed JSON +1", p.stdout) and "e.g. row 1: line 2 is not valid JSON" in p.stdout
 
 
+@pytest.mark.slow
 def test_unknown_role_strict(data):
     line = _one_line_error(eagle("data", "inspect", str(data), "--strict"))
     assert line.startswith(f"error: {data}, row 1: unknown role 'robot' in turn 1")
 
 
+@pytest.mark.slow
 def test_missing_file(tmp_path):
     line = _one_line_error(eagle("data", "inspect", str(tmp_path / "nope.jsonl")))
     assert line == f"error: {tmp_path / 'nope.jsonl'}: no such file or folder"
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(data):
     p = eagle("--debug", "data", "inspect", str(data), "--strict")
     assert p.returncode != 0 and "Traceback" in p.stderr and "InputDataError" in p.stderr

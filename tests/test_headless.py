@@ -16,6 +16,7 @@ def _modules_after(code: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 def test_core_imports_no_ui_library():
     import pkgutil
 
@@ -28,6 +29,7 @@ def test_core_imports_no_ui_library():
     assert not bad, f"core imported UI libraries: {sorted(bad)[:10]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--help"], ["--version"]])
 def test_cli_help_is_light(argv):
     loaded = _modules_after(f"import sys\nsys.argv=['eagle', *{argv!r}]\n"
@@ -36,6 +38,7 @@ def test_cli_help_is_light(argv):
     assert not heavy, f"eagle {' '.join(argv)} imported {sorted(heavy)[:10]}"
 
 
+@pytest.mark.slow
 def test_every_subcommand_help_is_light():
     from eagle_tui.cli import app
     import typer.main

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_ruff_pyflakes_rules_pass():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--output-format", "concise",
                         "core", "eagle_tui", "tests", "bench", "scripts"], cwd=REPO, capture_output=True, text=True)

@@ -133,6 +133,7 @@ def test_plan_measures_the_dataset_and_budgets_each_step(tmp_path, tiny_target):
     assert not (tmp_path / "work" / "cache").exists()
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_every_step(tmp_path, tiny_target):
     cfg = _config(tmp_path, tiny_target, regen=True)
     cfg.save(tmp_path / "run.yaml")
@@ -153,6 +154,7 @@ def test_step_selection_is_checked(tmp_path, tiny_target):
         select_steps(cfg, ["cache"])  # online mode has no cache step
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_line_exit_2(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("train:\n  lrr: 0.1\n")
@@ -161,6 +163,7 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: {p}: unknown field train.lrr (did you mean train.lr?)"]
 
 
+@pytest.mark.slow
 def test_demo_writes_a_valid_config(tmp_path):
     r = _eagle("demo", "--quick", "--write-only", "--workdir", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr

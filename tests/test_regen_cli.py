@@ -35,6 +35,7 @@ def journal_keys(out: Path) -> set[int]:
     return keys
 
 
+@pytest.mark.slow
 def test_killed_mid_run_then_resume_gives_every_sample_exactly_once(tmp_path):
     specs = [f"q{i}" for i in range(N)]
     for i in (7, 45, 88):
@@ -108,6 +109,7 @@ def test_bad_arguments_are_refused_before_any_request(tmp_path, capsys):
         assert len(srv.requests) == 1
 
 
+@pytest.mark.slow
 def test_missing_backend_exits_2_with_install_hint(tmp_path, monkeypatch):
     import importlib.util
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
 from core import events as ev
@@ -34,6 +35,7 @@ def test_unknown_total_logs_every_step():
     assert [x for x in _rendered(events) if "[train]" in x] == [f"  [train] step {s}: loss=1" for s in (1, 2, 3)]
 
 
+@pytest.mark.slow
 def test_long_paths_stay_on_one_line_when_stdout_is_not_a_terminal():
     import subprocess
     import sys

@@ -55,6 +55,7 @@ def test_signal_checkpoints_the_current_step_and_resume_matches(tiny_target, dat
     assert [comparable(r) for r in metric_lines(run)] == [comparable(r) for r in metric_lines(tmp_path / "ref")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_exits_130_with_one_agreed_checkpoint(tiny_target, data, tmp_path):
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "eagle_tui.cli", "train", "--target", str(tiny_target), "--data", str(data),

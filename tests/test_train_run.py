@@ -183,6 +183,7 @@ train(cfg, CallbackSink(on))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_weights(tiny_target, data, tmp_path):
     kw = dict(epochs=2, grad_accum=2, save_every=4, keep_last=1)
     ref = train(tiny_cfg(tiny_target, data, tmp_path / "ref", **kw))

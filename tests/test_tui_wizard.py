@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from textual.widgets import Button, ContentSwitcher, Input, Select, Static, Switch
 
 from core.runconfig import RunConfig
@@ -239,6 +240,7 @@ async def test_help_lists_keys_and_closes(tmp_path):
         assert isinstance(app.screen, HelpScreen)
 
 
+@pytest.mark.slow
 def test_wizard_never_imports_torch_in_the_ui_process(tmp_path):
     """Start-up stays fast and the UI stays responsive: heavy libraries live in the subprocesses."""
     import json
