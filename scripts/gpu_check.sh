@@ -5,6 +5,7 @@
 # what it skipped, and exits 0. Interpreter: $PYTHON, else .venv/bin/python, else python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # section lines as they finish, also when a timeout cuts the run
 out="${1:-gpu_check.json}"
 [ $# -gt 0 ] && shift
 py="${PYTHON:-}"
