@@ -30,7 +30,7 @@ from core.train import checkpoint as ckpt
 from core.train import distributed as D
 from core.train.interrupt import StopSignals
 from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
-from core.train.data import BatchPlan
+from core.train.data import BatchPlan, OfflineSource, prefetch_loader, to_device
 from core.train.inputs import STAGE, build_draft, check_fingerprint, load_offline, load_online
 from core.train.metrics import MetricAccumulator, MetricsLog
 
@@ -238,7 +238,10 @@ class _Trainer:
         self.draft.train()
         n = len(plan.micro_batches)
         for j, mb in enumerate(plan.micro_batches):
-            batch = self.inputs.train.batch(mb, env.device)
+            if self.prefetch is not None:  # the same micro-batch `mb`, read ahead by worker processes
+                batch = to_device(next(self.prefetch), env.device)
+            else:
+                batch = self.inputs.train.batch(mb, env.device)
             with D.no_sync(self.root, j == n - 1), self.autocast:
                 out = self.root(batch)
                 (out.loss / n).backward()
@@ -303,6 +306,12 @@ class _Trainer:
         m: dict[str, float] = {}
         last_ckpt = None
         self.stop.deferred = True  # from here on a signal stops at the next step boundary
+        self.prefetch = None
+        if self.env.device.type == "cuda" and isinstance(self.inputs.train, OfflineSource):
+            # cache reads, fp8 dequantisation and collation off the training process, pinned memory;
+            # online sources run the target in-process, and on CPU workers would only steal cores
+            self.prefetch = iter(prefetch_loader(self.inputs.train, self.plan, self.start_step, self.total,
+                                                 workers=2, pin_memory=True))
         for step in range(self.start_step, self.total):
             t0 = time.monotonic()
             m = self._train_step(step)
