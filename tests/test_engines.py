@@ -195,3 +195,13 @@ def test_regen_engine_python_needs_a_launch(empty_cache, tmp_path):
     rc, text = run_cli("regen", "--input-data", str(inp), "--output-dir", str(tmp_path / "o"),
                        "--model", "m", "--launch", "vllm", "--engine-python", str(tmp_path / "py"))
     assert rc == 2 and "no such executable" in text and not (tmp_path / "o").exists()
+
+
+def test_preferred_regen_backend_says_why(empty_cache):
+    if __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this environment")
+    backend, why = engines.preferred_regen_backend()
+    assert backend == "transformers" and "transformers serve" in why
+    d = fake_env()
+    backend, why = engines.preferred_regen_backend()
+    assert backend == "vllm" and str(d) in why
