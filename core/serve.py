@@ -255,6 +255,11 @@ def plan(cfg: ServeConfig) -> ServePlan:
         resolve_engine(cfg)
     except MissingDependencyError:
         pass
+    from core.target_server import VLLM_CPU_KVCACHE_GIB, is_managed_cpu_python
+
+    if cfg.engine == "vllm" and is_managed_cpu_python(cfg.engine_python):
+        draft.notes.append(f"vLLM-CPU (managed); eagle serve runs it with HF_HUB_OFFLINE=1 "
+                           f"VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE', VLLM_CPU_KVCACHE_GIB)}")
     return ServePlan(build_argv(cfg, draft.serve_path), draft, cfg.engine)
 
 

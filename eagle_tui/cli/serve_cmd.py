@@ -61,6 +61,11 @@ def register(app: typer.Typer) -> None:
         """
         from core.serve import ServeConfig, exec_server, plan, prepare
 
+        if target == "demo":  # the embedded SmolLM2-135M-Instruct, as in regen / target-server
+            from core.assets import demo_target
+
+            target = str(demo_target())
+
         cfg = ServeConfig(target=target, draft=draft, engine=engine, num_steps=num_steps, topk=topk,
                           num_draft_tokens=num_draft_tokens, tp_size=tp_size, mem_fraction=mem_fraction,
                           dtype=dtype, host=host, port=port, extra_args=list(ctx.args),
