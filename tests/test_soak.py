@@ -5,6 +5,7 @@ finished outputs must equal an uninterrupted run. `python bench/soak.py --kills 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def _soak():
     spec = importlib.util.spec_from_file_location("eagle_soak", REPO / "bench" / "soak.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
