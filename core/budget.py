@@ -17,9 +17,11 @@ GPU memory formulas (bytes; b = bytes per element of the compute dtype, BT = tok
   online step     = target forward
                   + V*H*2                                            (frozen embedding copy, bf16)
                   + P_draft*18   (bf16 weight 2 + fp32 master 4 + fp32 grad 4 + AdamW m, v 8)
-                  + L*BT*[2*(2H + (2*nh + 2*nkv)*hd + 3H + 3I) + 3*Vd*4]
-                                  (per TTT step kept for backward: bf16 layer activations and fp32
-                                   logits, log-softmax and its gradient)
+                  + L*BT*[2*(2H + (2*nh + 2*nkv)*hd + 3H + 3I) + 2H + 4]
+                                  (per TTT step kept for backward: bf16 layer activations, the normed
+                                   hidden state and one log-sum-exp: the chunked head + soft CE of
+                                   core.model.loss keeps no [BT, Vd] logits)
+                  + min(BT, LOSS_CHUNK_ELEMS/Vd)*Vd*4*2               (one chunk of logits and its grad)
 where P_draft = fc 3H*H + attention (nh*hd*2H + 2*nkv*hd*2H + H*nh*hd) + MLP 3*H*I + norms 4H + lm_head Vd*H.
 """
 
@@ -38,6 +40,7 @@ from core.errors import InputDataError, UsageError
 
 RUNTIME_BYTES = 1 << 30
 LOGITS_CHUNK_BYTES = 64 << 20  # = core.features.LOGITS_CHUNK_BYTES (not imported: no torch here)
+LOSS_CHUNK_ELEMS = 1 << 25  # = core.model.loss.CHUNK_ELEMS (not imported: no torch here)
 # manifest.json, vocab.json, target_config.json, failures.jsonl: about this much, plus per shard
 # (its record) and per sample (its length in the record). Measured on written caches.
 JSON_BASE_BYTES, JSON_SHARD_BYTES, JSON_SAMPLE_BYTES = 3500, 300, 12
@@ -199,11 +202,12 @@ def online_step_memory(shape: TargetShape, draft_vocab_size: int, batch_tokens: 
     H, I, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
     nh, nkv, BT, Vd = shape.num_attention_heads, shape.num_key_value_heads, batch_tokens, draft_vocab_size
     fwd = target_forward_memory(shape, Vd, BT)
-    step_act = BT * (2 * (2 * H + (2 * nh + 2 * nkv) * hd + 3 * H + 3 * I) * num_draft_layers + 3 * Vd * 4)
+    step_act = BT * (2 * (2 * H + (2 * nh + 2 * nkv) * hd + 3 * H + 3 * I) * num_draft_layers + 2 * H + 4)
     parts = {"target": fwd["total"],
              "draft_embedding": shape.vocab_size * H * 2,
              "draft_and_optimizer": shape.draft_params(Vd, num_draft_layers) * 18,
-             "ttt_activations": ttt_length * step_act}
+             "ttt_activations": ttt_length * step_act,
+             "loss_chunk": min(BT, max(1, LOSS_CHUNK_ELEMS // Vd)) * Vd * 4 * 2}
     parts["total"] = sum(parts.values())
     return parts
 

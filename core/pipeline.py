@@ -308,4 +308,10 @@ def plan_pipeline(cfg: RunConfig, sample_size: int = 256, events: EventSink | No
                          "num_draft_tokens": cfg.eval.num_draft_tokens}
     steps["export"] = {"bytes": (draft_params + shape.vocab_size * shape.hidden_size) * 4,
                        "output_dir": str(cfg.step_output_dir("export"))}
+    from dataclasses import asdict
+
+    from core.step_budgets import step_budgets
+
+    out["budgets"] = {b.step: asdict(b) for b in step_budgets(cfg, shape, n, lengths=lengths)
+                      if b.step in steps}
     return out

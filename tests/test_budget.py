@@ -118,3 +118,39 @@ def test_eagle_plan_cli(tiny_target, tmp_path, capsys):
     assert p["time"]["tokens_per_s"] > 0 and p["time"]["total_tokens"] == round(p["mean_length"] * 6)
     assert main(["plan", "--target", "no-such-model"]) == 2
     assert "not a preset" in capsys.readouterr().err
+
+
+def test_tui_panel_and_eagle_plan_use_one_planner(tmp_path, tiny_target):
+    """The budget panel and `eagle run --plan` read the same core planner: same memory figures,
+    and the plan's cache bytes (measured lengths) within the panel's upper bound (max length)."""
+    import json
+
+    from core.pipeline import plan_pipeline
+    from core.runconfig import RunConfig
+    from eagle_tui.widgets import estimates
+
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": "hello there"}]}) + "\n"
+                            for i in range(40)))
+    cfg = RunConfig(workdir=str(tmp_path / "w"))
+    cfg.target.model, cfg.dataset.source, cfg.regen.enabled = str(tiny_target), str(data), False
+    cfg.features.max_length, cfg.train.max_tokens_per_batch, cfg.vocab.draft_vocab_size = 64, 256, 64
+    cfg.validate()
+    plan = plan_pipeline(cfg)
+    n = plan["dataset"]["conversations"]
+    assert n == 40 - cfg.heldout_count()
+    panel = {b.step: b for b in estimates.step_budgets(cfg, 0, known_rows=n)}
+    for step in ("train", "eval"):
+        assert (plan["budgets"][step]["ram_bytes"], plan["budgets"][step]["gpu_bytes"]) == \
+            (panel[step].ram_bytes, panel[step].gpu_bytes)
+    assert 0 < plan["budgets"]["cache"]["disk_bytes"] <= panel["cache"].disk_bytes
+    assert plan["budgets"]["cache"]["disk_bytes"] == plan["steps"]["cache"]["total_bytes"]
+
+
+@pytest.mark.slow
+def test_cpu_training_memory_estimate_is_within_25_percent_of_measured():
+    from bench.train_memory import compare
+
+    r = compare(1024, 3, 8192)  # the demo's batch: 2 x 512 tokens, TTT 3, draft vocab 8192
+    assert 0.75 < r["ratio"] < 1.25, r

@@ -79,6 +79,9 @@ def _print_plan(plan: dict) -> None:
             line = f"{s['prompts']} prompts x {s['max_new_tokens']} tokens, k={s['num_draft_tokens']}"
         else:
             line = f"{fb(s['bytes'])} → {s['output_dir']}"
+        b = plan.get("budgets", {}).get(step)
+        if b:  # the same planner as the TUI's budget panel
+            line += "; " + ", ".join(f"{k} {fb(b[f'{k}_bytes'])}" for k in ("gpu", "ram") if b[f"{k}_bytes"])
         common.echo(f"{step:<8} {line}")
 
 

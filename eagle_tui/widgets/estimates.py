@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from core.step_budgets import StepBudget  # noqa: F401  (the panels draw these)
+
 PENDING = "(estimate unavailable: {why})"
 
 
@@ -18,16 +20,6 @@ class StorageOption:
     target_store: str
     bytes_per_sample: int
     total_bytes: int
-
-
-@dataclass
-class StepBudget:
-    step: str
-    disk_bytes: int | None = None
-    gpu_bytes: int | None = None  # peak accelerator memory per device when a GPU is used
-    ram_bytes: int | None = None  # peak host memory on CPU
-    time_s: float | None = None
-    note: str = ""
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -132,35 +124,11 @@ def _storage_options(budget: Any, cfg: Any, known_rows: int | None = None) -> li
 
 def _step_budgets(budget: Any, cfg: Any, gpus: int, known_rows: int | None = None,
                   tokens_per_s: float | None = None) -> list[StepBudget]:
-    from core.cache.layout import StorageOptions
+    from core.step_budgets import step_budgets
 
-    f, t = cfg.features, cfg.train
-    shape, vd, plan = _plan(budget, cfg, known_rows, [StorageOptions(f.aux_dtype, f.target_store, f.topk)])
-    fwd, online = plan.gpu["target_forward"], plan.gpu["online_step"]
-    # on CPU everything runs in fp32 (design: bf16 was 3x slower there): same formula, 4-byte elements
-    fwd_cpu = budget.target_forward_memory(shape, vd, t.max_tokens_per_batch, dtype_bytes=4)
-    draft_params = shape.draft_params(vd, t.num_layers)
-    train_gpu = online["total"] if f.mode == "online" else online["total"] - online["target"]
-    train_ram = (fwd_cpu["total"] - fwd_cpu["runtime"] if f.mode == "online" else 0) + \
-        online["draft_embedding"] * 2 + online["draft_and_optimizer"] + online["ttt_activations"]
-    weights_cpu = fwd_cpu["weights"]
-    ckpt = t.keep_last * draft_params * (4 + 8)  # fp32 weights + AdamW moments per kept checkpoint
-    export = (draft_params + shape.vocab_size * shape.hidden_size) * 4  # with the embedding; fp32 bound
     n, note = sample_count(cfg, known_rows)
-    # time: the target's measured prefill speed over every sample at max length (an upper bound);
-    # online training runs that forward every epoch, so it takes at least epochs x as long
-    forward_s = n * f.max_length / tokens_per_s if tokens_per_s else None
-    train_s = forward_s * t.epochs if forward_s is not None and f.mode == "online" else None
-    out = [StepBudget("regen", None, fwd["weights"] + fwd["runtime"], weights_cpu, None,
-                      "text only: small next to the cache"),
-           StepBudget("cache", int(plan.rows[0]["total_bytes"]), fwd["total"],
-                      fwd_cpu["total"] - fwd_cpu["runtime"], forward_s,
-                      f"{fmt_bytes(plan.rows[0]['bytes_per_sample'])} per sample x {note}"),
-           StepBudget("train", ckpt, train_gpu, train_ram, train_s,
-                      f"draft {draft_params / 1e6:.1f} M params, {f.mode} features"),
-           StepBudget("eval", None, fwd["weights"] + fwd["runtime"] + draft_params * 2, weights_cpu + draft_params * 4),
-           StepBudget("export", export, None, None)]
-    return out
+    return step_budgets(cfg, target_shape(budget, cfg.target.model), n, tokens_per_s=tokens_per_s,
+                        sample_note=note)
 
 
 def _serve_command(serve: Any, cfg: Any, engine: str) -> str:
