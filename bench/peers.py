@@ -208,16 +208,20 @@ def speculators_step_speed(docs: Sequence[dict], t2d: Any, d2t: Any, *, target: 
                            docs_per_step: int = 4, ttt_steps: int = 3, lr: float = 1e-4,
                            steps: int | None = None, warmup: int = 1, threads: int = 2,
                            timeout: float = 1800, log=print) -> dict[str, Any]:
-    """Time speculators' real training step (their Eagle3DraftModel and kl_div loss, AdamW,
-    grad clip 0.5) on `docs`, `docs_per_step` documents packed into one row per step with
-    document ids (no attention across documents), supervision where loss_mask is 1.
+    """Time speculators' real training step (their Eagle3DraftModel, their alignment and packing
+    with document ids, their kl_div loss; AdamW, grad clip 0.5) on `docs`: `docs_per_step`
+    consecutive documents packed into one row per step (no attention across documents; the
+    grouping of bench/train.py's groups_of), supervision where loss_mask is 1.
 
     docs: dicts with input_ids [T], aux_hidden [T, 3H], loss_mask [T], final_hidden [T, H] (as
     bench/train.py's real features hold them); t2d [V] bool, d2t [Vd]; target: the verifier folder
-    (their lm_head rows and embeddings come from it). Returns tokens_per_s (over the timed steps,
-    after `warmup` untimed ones), peak_rss_mb (VmHWM of the peer process, reset just before the
-    steps), rss_before_mb, losses, tokens, seconds. Runs in its own process: timings there are
-    not interleaved with ours, so compare medians of repeated runs on a busy machine.
+    (their frozen lm_head rows and embeddings come from it). `steps` timed steps (default: one
+    pass over the groups, cycling when more) after `warmup` untimed ones; reading and collating a
+    step's inputs stay outside the clock. Tokens are the documents' stored tokens (their alignment
+    drops one per document). Returns tokens_per_s, tokens, seconds, peak_rss_mb (VmHWM of the peer
+    process, reset just before the timed steps; it holds only the current step's documents),
+    rss_before_mb, losses. Runs in its own process, so timings are not interleaved with ours:
+    compare medians of repeated runs on a busy machine.
     """
     with tempfile.TemporaryDirectory(prefix="peer-speed-") as tmp:
         feats = Path(tmp) / "features.safetensors"

@@ -175,6 +175,29 @@ def export_peer(ckpt: str, target: Path, work: Path) -> tuple[str, list[str]]:
     return str(out), res.fixes
 
 
+def check_conversion(ckpt: str, export: str, features: Path, target: Path, work: Path) -> float:
+    """Largest |logit| difference between their reloaded draft and our converted export on one
+    training document (step 0): a wrong conversion would show up as lost τ, not as an error."""
+    import torch
+    from safetensors.torch import load_file
+
+    from core.export import load_export_draft
+
+    out = work / "peer-logits.safetensors"
+    peers.run_peer_script(["logits", "--features", features, "--target", target, "--output", ckpt,
+                           "--logits", out], timeout=600, log=say)
+    ref = load_file(str(out))
+    cfg = json.loads((target / "config.json").read_text())
+    draft, _, _ = load_export_draft(export, None, target_num_layers=int(cfg["num_hidden_layers"]))
+    draft.float().eval()
+    ids, aux = ref["input_ids"], ref["aux"]
+    n = ids.numel() - 1
+    with torch.no_grad():
+        logits, _ = draft.decode_step(ids[1:][None], draft.project_aux(aux[:-1][None]),
+                                      torch.arange(1, n + 1)[None])
+    return float((logits[0] - ref["logits"]).abs().max())
+
+
 def measure(draft: str, target: Path, heldout: Path, a: argparse.Namespace) -> dict[str, Any]:
     from core.evaluate import EvalConfig, evaluate
 
@@ -276,6 +299,11 @@ def main() -> int:
         ours_dir = export_ours(ours_tr["run_dir"], target, work)
         peer_dir, fixes = export_peer(peer_tr["output"], target, work)
         say(f"exported ours -> {ours_dir}; converted speculators' -> {peer_dir} ({'; '.join(fixes)})")
+        diff = check_conversion(peer_tr["output"], peer_dir, features, target, work)
+        if not diff < 1e-3:
+            raise SystemExit(f"error: the converted speculators draft differs from theirs (step-0 "
+                             f"logits up to {diff:.3g} apart): the comparison would be unfair")
+        say(f"  conversion checked: step-0 logits equal to theirs within {diff:.1e}")
         say("measuring both on the held-out prompts ...")
         ev = {"ours": measure(ours_dir, target, heldout, a), "speculators": measure(peer_dir, target, heldout, a)}
     except peers.PeerError as e:
@@ -301,6 +329,7 @@ def main() -> int:
         report = {"settings": vars(a), "cache": cache, "steps": total, "schedule_tokens": sched_tokens,
                   "train": {"ours": ours_tr, "speculators": {k: v for k, v in peer_tr.items()}},
                   "eval": ev, "ratio": ratio, "ratio_ci95": [r_lo, r_hi], "convert_fixes": fixes,
+                  "convert_max_logit_diff": diff,
                   "peer": peer}
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))
     return 0
