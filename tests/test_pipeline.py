@@ -168,7 +168,10 @@ def test_demo_writes_a_valid_config(tmp_path):
     r = _eagle("demo", "--quick", "--write-only", "--workdir", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr
     cfg = RunConfig.load(tmp_path / "d" / "demo-quick.yaml")
-    assert cfg.target.model == "demo" and cfg.regen.launch == "transformers"
+    from core.engines import preferred_regen_backend
+
+    assert cfg.target.model == "demo" and cfg.regen.launch == preferred_regen_backend()[0]
+    assert "regeneration backend:" in r.stdout
     rows = (tmp_path / "d" / "demo-quick-conversations.jsonl").read_text().splitlines()
     assert len(rows) == cfg.dataset.limit + cfg.dataset.heldout
     assert cfg.dataset.heldout == cfg.train.select_prompts + cfg.eval.num_prompts
