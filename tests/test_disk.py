@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,17 @@ def test_checkpoint_refuses_when_it_does_not_fit(small_fs):
         save_checkpoint(fs / "run", 3, w, opt, {}, {}, keep_last=2)
     assert e.value.during_run and "checkpoint step 3" in str(e.value) and "--resume" in str(e.value)
     assert not list((fs / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_the_tmpfs_tests_in_a_user_namespace_when_not_root():
+    """Without root, the tests above run again as the mapped root of a user namespace, where a
+    tmpfs can be mounted (unshare -rm); they are skipped only where that is not allowed either."""
+    if os.geteuid() == 0:
+        pytest.skip("root: the tests above mounted their tmpfs directly")
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no user namespaces here (unshare -rm)")
+    r = subprocess.run(["unshare", "-rm", sys.executable, "-m", "pytest", __file__, "-q", "-p",
+                        "no:cacheprovider", "-k", "not user_namespace", "-rs"],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0 and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-3000:]
