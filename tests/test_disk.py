@@ -188,6 +188,22 @@ def test_checkpoint_refuses_when_it_does_not_fit(small_fs):
     assert not list((fs / "run" / "checkpoints").iterdir())
 
 
+def test_a_journal_line_cut_by_a_full_disk_is_taken_back(small_fs):
+    from core.regen.journal import Journal
+
+    fs = small_fs.mount("8k")
+    path = fs / "journal.jsonl"
+    j = Journal(path).open()
+    with pytest.raises(OSError) as e:
+        for i in range(100):
+            j.append({"index": i, "status": "done", "text": "x" * 700})
+    j.close()
+    assert disk.is_full_disk(e.value) and e.value.filename == str(path)
+    again = Journal(path)
+    assert sorted(again.load()) == list(range(i)) and again.torn_bytes == 0  # whole lines only
+    assert path.read_bytes().endswith(b"\n")
+
+
 @pytest.mark.slow
 def test_the_tmpfs_tests_in_a_user_namespace_when_not_root():
     """Without root, the tests above run again as the mapped root of a user namespace, where a
