@@ -177,7 +177,7 @@ def save_checkpoint(run_dir: str | Path, step: int, draft_state: dict[str, torch
 
 
 def _tensor_bytes(values) -> int:
-    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)) + (1 << 20)
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor)) + (64 << 10)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
