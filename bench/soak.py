@@ -14,7 +14,7 @@ Besides kill -9, once per stage: SIGTERM (exit 130, then --resume), and a trunca
 --resume (regen: a torn last journal line and a cut shard; cache: a cut shard); for regen also a
 server that dies mid-run (the run stops with exit 1; --resume --retry-failed on a new server).
 
-    python bench/soak.py                 # 20 kills per stage (about 15 min on 2 cores)
+    python bench/soak.py                 # 20 kills per stage (10-15 min on a shared 2-core CPU)
     python bench/soak.py --kills 3 --stages regen,cache
 """
 
