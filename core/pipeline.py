@@ -202,7 +202,9 @@ def run_pipeline(cfg: RunConfig, events: EventSink | None = None, steps: list[st
     events = events or NullSink()
     cfg.validate()
     todo = select_steps(cfg, steps)
-    cfg.workdir_path().mkdir(parents=True, exist_ok=True)
+    from core import locking
+
+    locking.acquire(cfg.workdir_path())  # one `eagle run` per workdir until this process exits (creates it)
     t0 = time.monotonic()
     events(StageStarted(stage=STAGE, total=len(todo), unit="steps",
                         settings={"steps": todo, "workdir": str(cfg.workdir_path()), "resume": resume}))

@@ -173,6 +173,10 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
 
     events = events or NullSink()
     cfg.validate()
+    if cfg.output:  # one writer per report file; the draft and the data are only read
+        from core import locking
+
+        locking.acquire(Path(cfg.output).parent, locking.beside(cfg.output))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and

@@ -25,8 +25,14 @@ from core.train.interrupt import handling
 
 def check_output_dir(cfg: TrainConfig, world_size: int) -> None:
     """The refusal rules of core.manifest.prepare_output_dir, without writing anything."""
+    from core import locking
+    from core.manifest import has_output
+
     d = Path(cfg.output_dir)
-    if not d.exists() or not any(d.iterdir()):
+    who = locking.holder(d)  # refused before torchrun starts (rank 0 takes the lock itself)
+    if who is not None and not locking.is_held(d):
+        raise locking.FolderLockedError(str(d), who)
+    if not has_output(d):
         return
     m = load_manifest(d)
     if not cfg.resume or m is None:

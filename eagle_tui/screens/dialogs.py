@@ -40,9 +40,12 @@ class ExistingWork:
 
 def find_existing_work(step: str, path: Path) -> ExistingWork | None:
     """None for a missing or empty output; otherwise what is there (never raises)."""
-    if not path.is_dir() or not any(path.iterdir()):
+    from core.locking import LOCK_FILE
+    from core.manifest import has_output
+
+    if not path.is_dir() or not has_output(path):
         return None
-    files = [p for p in path.rglob("*") if p.is_file()]
+    files = [p for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE]
     work = ExistingWork(step, path, None, len(files), sum(p.stat().st_size for p in files))
     if (path / MANIFEST).exists():
         try:
