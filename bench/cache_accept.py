@@ -115,7 +115,7 @@ def reference_validation(run_dir: str, ref_cache: str, a: argparse.Namespace, se
     from core.cache import CacheReader
     from core.model.attention import resolve_backend
     from core.model.ttt import ttt_forward_loss
-    from core.train import load_draft_from_run
+    from core.model import Eagle3Draft
     from core.train.data import BatchPlan, OfflineSource, split_indices
     from core.train.distributed import DistEnv
     from core.train.metrics import MetricAccumulator
@@ -124,7 +124,7 @@ def reference_validation(run_dir: str, ref_cache: str, a: argparse.Namespace, se
     _, val_idx = split_indices(len(reader), 0.1, seed)
     src = OfflineSource(reader, val_idx, a.max_length)
     plan = BatchPlan(src.lengths, 2 * a.max_length, seed, shuffle=False)
-    draft, _ = load_draft_from_run(run_dir)
+    draft = Eagle3Draft.from_pretrained(run_dir)
     backend = resolve_backend("auto", torch.device("cpu"))
     acc = MetricAccumulator(3)
     for mb in plan.epoch_micro_batches(0):

@@ -92,11 +92,13 @@ def speculators_folder(root: Path, draft, nbr=False) -> Path:
 
 
 def _reload_equal(out: Path, draft) -> None:
-    from core.export import check_folder, load_export_draft
+    from core.export import check_folder
+    from core.model import Eagle3Draft
 
     rep = check_folder(out)
     assert rep.ok, rep.problems
-    again, cfg, meta = load_export_draft(out)
+    again, info = Eagle3Draft.from_pretrained(out, with_info=True)
+    cfg = info.serving_config
     assert cfg["num_hidden_layers"] == 1 and cfg["architectures"] == ["LlamaForCausalLMEagle3"]
     assert torch.equal(draft_logits(draft), draft_logits(again))
     assert torch.equal(again.d2t, draft.d2t)

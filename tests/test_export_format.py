@@ -52,7 +52,8 @@ def write_draft_export(draft, out: Path, target_dir: Path | None = None, **kw) -
 
 
 def test_export_check_reload_identical_logits(tiny_target, tmp_path):
-    from core.export import check_folder, load_export_draft
+    from core.export import check_folder
+    from core.model import Eagle3Draft
 
     draft = make_draft(tiny_target)
     out = tmp_path / "export"
@@ -61,7 +62,8 @@ def test_export_check_reload_identical_logits(tiny_target, tmp_path):
                                                      "manifest.json", "model.safetensors"]
     report = check_folder(out)
     assert report.ok and report.layout == "eagle-tui", report.problems
-    again, config, meta2 = load_export_draft(out)
+    again, info = Eagle3Draft.from_pretrained(out, with_info=True)
+    meta2 = info.meta
     assert torch.equal(draft_logits(draft), draft_logits(again))
     assert torch.equal(again.d2t, draft.d2t) and torch.equal(again.t2d, draft.t2d)
     assert meta2["chat_template_sha256"] == meta["chat_template_sha256"] is not None
@@ -173,7 +175,7 @@ def make_run(tiny_target: Path, run_dir: Path, step: int = 7):
 
 
 def test_export_run_via_cli(tiny_target, tmp_path, capsys):
-    from core.export import load_export_draft
+    from core.model import Eagle3Draft
     from eagle_tui.cli import main
 
     draft = make_run(tiny_target, tmp_path / "run")
@@ -182,7 +184,7 @@ def test_export_run_via_cli(tiny_target, tmp_path, capsys):
     assert meta["produced_by"]["kind"] == "train" and meta["produced_by"]["step"] == 7
     assert meta["produced_by"]["tau_sim"] == 1.75
     assert meta["target"]["name_or_path"] == str(tiny_target) and meta["target"]["num_hidden_layers"] == 4
-    again, _, _ = load_export_draft(tmp_path / "out")
+    again = Eagle3Draft.from_pretrained(tmp_path / "out")
     assert torch.equal(draft_logits(draft), draft_logits(again))
     assert main(["export", "--check", str(tmp_path / "out")]) == 0
     # again into the same folder: refused, exit 2

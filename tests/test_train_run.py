@@ -15,7 +15,8 @@ import torch
 
 from core.errors import OutputExistsError, SettingsMismatchError, UsageError
 from core.events import CheckpointSaved, ListSink, StageFinished, StageStarted, StepMetrics
-from core.train import load_draft_from_run, train
+from core.model import Eagle3Draft
+from core.train import train
 from tests.train_support import (REPO, comparable, draft_weights, metric_lines,
                                  subprocess_env, tiny_cfg, write_conversations)
 
@@ -78,9 +79,9 @@ def test_metrics_file_and_events(finished_run):
     assert result.tokens == sum(int(r["tokens"]) for r in train_lines)
 
 
-def test_load_draft_from_run_and_step_dir(finished_run, tiny_target):
+def test_from_pretrained_loads_a_run_and_a_step_dir(finished_run, tiny_target):
     out, _, _ = finished_run
-    draft, info = load_draft_from_run(out)
+    draft, info = Eagle3Draft.from_pretrained(out, with_info=True)
     assert info.step == 10 and info.checkpoint_dir == out / "checkpoints" / "step-10"
     assert info.aux_layer_ids == [0, 1, 2] and info.vocab_dir == out / "vocab"
     assert info.target == str(tiny_target.resolve())
@@ -92,7 +93,7 @@ def test_load_draft_from_run_and_step_dir(finished_run, tiny_target):
     target_embed = load_file(str(tiny_target / "model.safetensors"))["model.embed_tokens.weight"]
     assert torch.equal(sd["embed_tokens.weight"], target_embed)
     assert torch.equal(draft.d2t, info.load_vocab().d2t)
-    older, info8 = load_draft_from_run(out / "checkpoints" / "step-8")
+    older, info8 = Eagle3Draft.from_pretrained(out / "checkpoints" / "step-8", with_info=True)
     assert info8.step == 8 and info8.run_dir == out
     assert not torch.equal(older.fc.weight, draft.fc.weight)
 
@@ -157,7 +158,7 @@ def test_offline_training_reads_the_cache_only(tiny_target, data, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["extra"]["mode"] == "offline" and m["extra"]["cache"] == str(cache.resolve())
     reader = CacheReader(cache)
-    draft, info = load_draft_from_run(out)
+    draft, info = Eagle3Draft.from_pretrained(out, with_info=True)
     assert info.aux_layer_ids == reader.target_info["aux_layer_ids"]
     assert torch.equal(draft.d2t, reader.vocab.d2t)
     with pytest.raises(UsageError, match="--draft-vocab-size"):

@@ -35,7 +35,8 @@ def _short_sharegpt(path, n: int) -> None:
 def test_short_training_on_smollm2_features_learns(tmp_path, monkeypatch):
     from core.assets import demo_target
     from core.cache import CacheConfig, build_cache
-    from core.train import TrainConfig, load_draft_from_run, train
+    from core.model import Eagle3Draft
+    from core.train import TrainConfig, train
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = tmp_path / "sharegpt.jsonl"
@@ -58,6 +59,6 @@ def test_short_training_on_smollm2_features_learns(tmp_path, monkeypatch):
     assert val[-1]["loss"] < val[0]["loss"] - 1.0
     assert val[-1]["tau_sim"] > val[0]["tau_sim"]
     # the trained draft loads for eval/export with SmolLM2's shapes
-    draft, info = load_draft_from_run(run)
+    draft, info = Eagle3Draft.from_pretrained(run, with_info=True)
     assert draft.config.hidden_size == 576 and draft.config.draft_vocab_size == 2048
     assert draft.config.rope_theta == 100000.0 and info.aux_layer_ids == [1, 14, 26]

@@ -123,23 +123,17 @@ def check_held_out(cfg: EvalConfig, prompts: list[tuple[int, str, list[int]]]) -
 
 def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
     """(draft, info) for a run / checkpoint or a serving folder."""
-    from core.train.checkpoint import find_checkpoint
+    from core.export import run_tau_sim
+    from core.model import Eagle3Draft
 
-    src = Path(cfg.draft)
-    if find_checkpoint(src, cfg.checkpoint) is not None:
-        from core.export import run_tau_sim
-        from core.train.checkpoint import load_draft_from_run
-
-        draft, info = load_draft_from_run(str(src), device=device, dtype=dtype, which=cfg.checkpoint)
+    draft, info = Eagle3Draft.from_pretrained(cfg.draft, target, which=cfg.checkpoint, device=device,
+                                              dtype=dtype, with_info=True,
+                                              target_num_layers=int(target.config.num_hidden_layers))
+    if info.kind == "checkpoint":
         return draft, {"kind": "run", "checkpoint": str(info.checkpoint_dir), "step": info.step,
                        "chosen": cfg.checkpoint, "tau_sim": run_tau_sim(info.run_dir)}
-    from core.export import load_export_draft
-
-    draft, _config, meta = load_export_draft(src, target,
-                                             target_num_layers=int(target.config.num_hidden_layers))
-    draft.to(device=device, dtype=dtype)
-    return draft, {"kind": "export", "produced_by": meta.get("produced_by"),
-                   "tau_sim": (meta.get("produced_by") or {}).get("tau_sim")}
+    produced = info.meta.get("produced_by") or {}
+    return draft, {"kind": "export", "produced_by": produced, "tau_sim": produced.get("tau_sim")}
 
 
 def eos_ids(tokenizer: Any, target: Any) -> set[int]:

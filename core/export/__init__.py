@@ -23,8 +23,7 @@ from core.export.format import (CONFIG, chat_template_hash, draft_config_from_se
                                 read_export, write_export)
 
 __all__ = ["ExportConfig", "ExportResult", "export_draft", "check_folder", "CheckReport",
-           "render_report", "ConvertConfig", "ConvertResult", "convert_checkpoint",
-           "load_export_draft"]
+           "render_report", "ConvertConfig", "ConvertResult", "convert_checkpoint"]
 
 FORMATS = ("sglang", "speculators")
 
@@ -91,9 +90,10 @@ def run_tau_sim(run_dir: Path | None) -> float | None:
 
 def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict]:
     """(draft config dict, state dict, produced_by, recorded target info) of a run / checkpoint."""
-    from core.train.checkpoint import BEST_INFO, load_draft_from_run
+    from core.model import Eagle3Draft
+    from core.train.checkpoint import BEST_INFO
 
-    draft, info = load_draft_from_run(str(source), which=which)
+    draft, info = Eagle3Draft.from_pretrained(source, which=which, with_info=True)
     cfg = draft.config.to_dict()
     state = {k: v for k, v in draft.state_dict().items()}
     produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
@@ -184,48 +184,3 @@ def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportR
                                                   "aux_layer_ids": meta.get("aux_layer_ids"),
                                                   "warnings": meta.get("warnings", [])}))
     return ExportResult(cfg.output_dir, cfg.format, meta)
-
-
-def load_export_draft(folder: str | Path, target_model: Any = None, *, target_num_layers: int | None = None):
-    """An Eagle3Draft from a serving folder (ours or a third party's in the same format).
-
-    embed_tokens may be absent (the engines share the target's): it is then taken from
-    `target_model` (a transformers model). Returns (draft, config dict, meta).
-    """
-    import torch
-
-    from core.model import DraftConfig, Eagle3Draft
-
-    folder = Path(folder)
-    report = check_folder(folder)
-    if not report.ok or report.layout not in ("eagle-tui", "sglang"):
-        raise UsageError(f"{folder} is not a loadable serving folder:\n{render_report(report)}",
-                         hint=f"convert it: eagle export --from {folder} --output DIR")
-    config, tensors, meta = read_export(folder)
-    d = draft_config_from_serving(config, meta)
-    if d.get("target_num_hidden_layers") is None:
-        d["target_num_hidden_layers"] = target_num_layers
-    if d.get("target_num_hidden_layers") is None and target_model is not None:
-        d["target_num_hidden_layers"] = int(target_model.config.num_hidden_layers)
-    d["torch_dtype"] = str(tensors["fc.weight"].dtype).replace("torch.", "")
-    if d.get("aux_layer_ids") is None:
-        d["aux_layer_ids"] = []  # DraftConfig fills in the default for the target's depth
-    draft_cfg = DraftConfig.from_dict(d)
-    tensors = {k: v for k, v in tensors.items()}
-    if "embed_tokens.weight" not in tensors:
-        if target_model is None:
-            raise UsageError(f"{folder} has no embed_tokens; the target's embeddings are needed")
-        tensors["embed_tokens.weight"] = target_model.get_input_embeddings().weight.detach().cpu()
-    if "t2d" not in tensors:
-        t2d = torch.zeros(draft_cfg.vocab_size, dtype=torch.bool)
-        t2d[tensors["d2t"].long() + torch.arange(tensors["d2t"].numel())] = True
-        tensors["t2d"] = t2d
-    draft = Eagle3Draft(draft_cfg)
-    dtype = tensors["fc.weight"].dtype
-    draft.to(dtype)
-    missing, unexpected = draft.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise UsageError(f"{folder}: keys do not match the draft (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    draft.eval()
-    return draft, config, meta

@@ -29,6 +29,7 @@ from torch import nn
 from core.errors import InputDataError, UsageError
 from core.model.config import DraftConfig
 from core.model.rope import RotaryEmbedding, apply_rope
+from core.model.weights import read_embeddings
 
 # attend(layer_index, q [B,nh,T,hd], k [B,nkv,T,hd], v [B,nkv,T,hd]) -> [B,nh,T,hd]
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -212,6 +213,29 @@ class Eagle3Draft(nn.Module):
         draft.set_vocab(draft_vocab)
         return draft
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target_model: Any = None, *, which: str = "best",
+                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        target_num_layers: int | None = None, with_info: bool = False):
+        """A trained draft in eval mode from a run (its `which` checkpoint: best by held-out τ,
+        latest, or a step), a checkpoint folder, or a serving folder (ours or a third party's in the
+        same format; `target_model` supplies embeddings it leaves out). `dtype`: default float32
+        for checkpoints, the stored dtype for exports. With `with_info`: (draft, DraftInfo)."""
+        from core.errors import CorruptDataError
+        from core.model.load import read_draft
+
+        config, tensors, info = read_draft(path, target_model, which, target_num_layers)
+        draft = cls(config)
+        if dtype is None:
+            dtype = torch.float32 if info.kind == "checkpoint" else tensors["fc.weight"].dtype
+        draft.to(dtype)
+        missing, unexpected = draft.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise CorruptDataError(f"{path}: draft weights do not match its config "
+                                   f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        draft.to(device=device, dtype=dtype).eval()
+        return (draft, info) if with_info else draft
+
     # ---- math shared by training and inference ------------------------------------------------
     def project_aux(self, aux_hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, 3*Ht] concat(low, mid, high) -> [B, T, H] (the step-0 hidden input)."""
@@ -276,10 +300,6 @@ def _vocab_tensors(draft_vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
     raise UsageError("draft_vocab must be a DraftVocab (with .d2t/.t2d) or a (d2t, t2d) pair")
 
 
-_EMBED_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight",
-               "model.language_model.embed_tokens.weight", "language_model.model.embed_tokens.weight")
-
-
 def _target_config_and_embeddings(target: Any) -> tuple[Any, torch.Tensor]:
     if isinstance(target, (str, Path)):
         path = Path(target)
@@ -288,24 +308,8 @@ def _target_config_and_embeddings(target: Any) -> tuple[Any, torch.Tensor]:
         from transformers import AutoConfig
 
         hf_config = AutoConfig.from_pretrained(path)
-        return hf_config, _read_embeddings(path)
+        return hf_config, read_embeddings(path)
     get = getattr(target, "get_input_embeddings", None)
     if get is None or getattr(target, "config", None) is None:
         raise UsageError("target must be a model folder or a transformers model")
     return target.config, get().weight.detach()
-
-
-def _read_embeddings(path: Path) -> torch.Tensor:
-    """Only the embedding matrix, read from the safetensors shards (no full model load)."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise InputDataError("no .safetensors weights found", path=str(path))
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in _EMBED_KEYS:
-                if key in st.keys():
-                    return st.get_tensor(key)
-    raise InputDataError(f"no input embeddings ({' / '.join(_EMBED_KEYS[:2])}) in the weights",
-                         path=str(path))

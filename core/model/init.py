@@ -17,25 +17,13 @@ from typing import Any
 import torch
 
 from core.errors import InputDataError, UsageError
+from core.model.weights import read_target_tensor
 
 _HEAD_KEYS = ("lm_head.weight", "model.lm_head.weight", "language_model.lm_head.weight")
 _NORM_KEYS = ("model.norm.weight", "norm.weight", "model.language_model.norm.weight",
               "language_model.model.norm.weight")
 # Loaded from the source but owned by this draft: its vocab maps and the target's embeddings.
 _OWN_KEYS = ("embed_tokens.weight", "d2t", "t2d", "lm_head.weight")
-
-
-def read_target_tensor(path: Path, keys: tuple[str, ...]) -> torch.Tensor | None:
-    """The first of `keys` found in the target's safetensors shards (no model load), or None."""
-    from safetensors import safe_open
-
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            names = set(st.keys())
-            for key in keys:
-                if key in names:
-                    return st.get_tensor(key)
-    return None
 
 
 def draft_target_ids(draft: Any) -> torch.Tensor:
@@ -72,9 +60,9 @@ def _source_state(source: Path) -> tuple[dict[str, torch.Tensor], str]:
 
     if (source / "manifest.json").is_file() and (source / "checkpoints").is_dir() \
             or (source / "draft.safetensors").is_file():
-        from core.train.checkpoint import load_draft_from_run
+        from core.model import Eagle3Draft
 
-        d, info = load_draft_from_run(source)
+        d, info = Eagle3Draft.from_pretrained(source, with_info=True)
         return d.state_dict(), f"checkpoint {info.checkpoint_dir}"
     if not source.is_dir():
         raise InputDataError("no such draft folder for --init-from", path=str(source))

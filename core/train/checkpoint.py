@@ -27,7 +27,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -303,28 +303,6 @@ def load_checkpoint(step_dir: str | Path) -> Checkpoint:
                       state, cfg)
 
 
-@dataclass
-class DraftRunInfo:
-    """What eval/export need besides the weights."""
-    checkpoint_dir: Path
-    run_dir: Path | None
-    step: int
-    draft_config: dict[str, Any]
-    aux_layer_ids: list[int]
-    vocab_dir: Path | None
-    target: str | None  # the target model folder the draft was trained for
-    target_info: dict[str, Any] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # the run manifest's extra fields
-
-    def load_vocab(self):
-        from core.vocab import load_vocab
-
-        if self.vocab_dir is None:
-            raise InputDataError("no draft vocab next to this checkpoint", path=str(self.checkpoint_dir))
-        return load_vocab(self.vocab_dir)
-
-
 def resolve_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Path | None]:
     """(step dir, run dir or None) for a run dir (its `which` checkpoint) or a step dir."""
     p = Path(path).expanduser()
@@ -342,52 +320,6 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Pat
         return ck, p
     raise InputDataError("neither a training run dir nor a checkpoint dir (no manifest.json or "
                          f"{DRAFT_FILE})", path=str(p))
-
-
-def load_draft_from_run(path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, which: str = "best"):
-    """(Eagle3Draft in eval mode, DraftRunInfo) from a run dir (its `which` checkpoint: best by
-    held-out τ unless asked otherwise) or a step dir.
-
-    The frozen embedding comes from the run's embed_tokens.safetensors, or (a step dir copied
-    elsewhere) from the target's safetensors named in the run manifest / draft config.
-    """
-    from core.model import DraftConfig, Eagle3Draft
-
-    step_dir, run_dir = resolve_checkpoint(path, which)
-    ck_cfg = read_json(step_dir / DRAFT_CONFIG)
-    state_json = read_json(step_dir / STATE_FILE)
-    manifest = load_manifest(run_dir) if run_dir is not None else None
-    extra = dict(manifest.extra) if manifest else {}
-    target = extra.get("target") or state_json.get("target")
-    cfg = DraftConfig.from_dict(ck_cfg)
-    draft = Eagle3Draft(cfg)
-    from safetensors.torch import load_file
-
-    weights = load_file(str(step_dir / DRAFT_FILE))
-    if EMBED_KEY not in weights:
-        emb_file = run_dir / EMBED_FILE if run_dir is not None else None
-        if emb_file is not None and emb_file.exists():
-            weights[EMBED_KEY] = load_file(str(emb_file))[EMBED_KEY]
-        elif target and Path(target).exists():
-            from core.model.draft import _read_embeddings  # only the embedding tensor, by name
-
-            weights[EMBED_KEY] = _read_embeddings(Path(target)).float()
-        else:
-            raise InputDataError("the draft's embedding matrix is not next to this checkpoint and "
-                                 "the target folder is unknown", path=str(step_dir))
-    missing, unexpected = draft.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CorruptDataError(f"{step_dir}: draft weights do not match its config "
-                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    draft.to(device=device, dtype=dtype).eval()
-    vocab_dir = run_dir / VOCAB_DIR if run_dir is not None and (run_dir / VOCAB_DIR).exists() else None
-    aux = list(extra.get("aux_layer_ids") or ck_cfg.get("aux_layer_ids") or [])
-    info = DraftRunInfo(checkpoint_dir=step_dir, run_dir=run_dir, step=int(state_json["step"]),
-                        draft_config=ck_cfg, aux_layer_ids=aux, vocab_dir=vocab_dir, target=target,
-                        target_info=extra.get("target_info", {}),
-                        settings=manifest.settings if manifest else {}, extra=extra)
-    return draft, info
 
 
 def write_run_embeddings(run_dir: str | Path, embed: torch.Tensor) -> None:

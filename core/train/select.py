@@ -44,11 +44,11 @@ class HeldOutTau:
         """tau, acc_pos_i (acceptance per draft position), prompts measured, seconds."""
         from core.evaluate.report import acceptance
         from core.evaluate.spec_decode import AuxCapture, speculative_generate
-        from core.train.checkpoint import load_draft_from_run
+        from core.model import Eagle3Draft
 
         if self._model is None:
             self._load()
-        draft, _ = load_draft_from_run(step_dir, device=self.device)
+        draft = Eagle3Draft.from_pretrained(step_dir, device=self.device)
         capture = AuxCapture(self._model, draft.config.aux_layer_ids)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
