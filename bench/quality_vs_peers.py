@@ -24,7 +24,13 @@ One run, on the embedded SmolLM2-135M-Instruct target:
      held-out prompts.
 Prints τ of each (bonus token counted), per-position acceptance, the ratio ours/theirs with a 95%
 paired-bootstrap interval over prompts (bench/cache_accept.py's), and training throughput of each
-(timings depend on machine load; τ does not). A peer that cannot install or run: exit 1, one line.
+(timings depend on machine load; τ does not). Before measuring, the converted speculators draft
+is checked against theirs (step-0 logits of their reloaded checkpoint). A peer that cannot install
+or run: exit 1, one line.
+
+Cost: `--train 96 --epochs 4 --prompts 8 --max-new-tokens 48` took 43 min on a busy shared 2-core
+machine (cache 6.5 min, each trainer 8-9 min, evaluation of both 19 min); the first call also
+installs the speculators venv (about 5 min, 1.4 GB).
 """
 
 from __future__ import annotations
@@ -181,15 +187,15 @@ def check_conversion(ckpt: str, export: str, features: Path, target: Path, work:
     import torch
     from safetensors.torch import load_file
 
-    from core.export import load_export_draft
+    from core.model import Eagle3Draft
 
     out = work / "peer-logits.safetensors"
     peers.run_peer_script(["logits", "--features", features, "--target", target, "--output", ckpt,
                            "--logits", out], timeout=600, log=say)
     ref = load_file(str(out))
     cfg = json.loads((target / "config.json").read_text())
-    draft, _, _ = load_export_draft(export, None, target_num_layers=int(cfg["num_hidden_layers"]))
-    draft.float().eval()
+    draft = Eagle3Draft.from_pretrained(export, target_num_layers=int(cfg["num_hidden_layers"]),
+                                        dtype=torch.float32)
     ids, aux = ref["input_ids"], ref["aux"]
     n = ids.numel() - 1
     with torch.no_grad():
