@@ -328,6 +328,8 @@ def main() -> int:
     for name, e, tr in (("ours", o, ours_tr), ("speculators", p, peer_tr)):
         pp = " / ".join(f"{x:.2f}" for x in per_position(e["per_prompt"]))
         say(f"{name:<13}{e['tau']:>7.3f}{pp:>26}{str(e['lossless']):>10}{tr['tokens_per_s']:>13.0f}")
+    say("  (train tok/s: each trainer's own step clock, reading and target computation included, one "
+        "run each under whatever load the machine had; bench/train.py is the speed comparison)")
     say(f"ratio ours / speculators: {ratio:.3f}x (95% paired bootstrap over {len(o['per_prompt'])} "
         f"prompts: [{r_lo:.3f}, {r_hi:.3f}]); goal >= 1.15x")
     say(f"wall time {(time.perf_counter() - t_all) / 60:.1f} min (peer venv {peer['venv']})")
