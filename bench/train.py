@@ -335,6 +335,7 @@ def main() -> None:
     p.add_argument("--random", action="store_true")
     p.add_argument("--worker", choices=["ours", "plain"])
     p.add_argument("--features")
+    p.add_argument("--no-peer", action="store_true", help="skip speculators 0.9.0's step (its own venv)")
     args = p.parse_args()
     if args.worker:
         return memory_worker(args)
@@ -386,6 +387,32 @@ def main() -> None:
     print(f"ratio: {speed:.2f}x tokens/s, {mem:.2f}x peak RSS (goal >= 1.5x at <= 1.0x); "
           f"losses equal over {len(timing['ours']['losses'])} training steps "
           f"(first {timing['ours']['losses'][0]:.4f}, last {timing['ours']['losses'][-1]:.4f})")
+    if not args.no_peer:
+        peer_row(args, feats, docs, timing, memory)
+
+
+def peer_row(args, feats: dict, docs: list, timing: dict, memory: dict) -> None:
+    """speculators 0.9.0's real step (their model class and loss, own venv: bench/peers.py) on the
+    same documents and groups, same threads; memory the way ours is measured (first --mem-steps)."""
+    from bench.peers import PeerError, speculators_step_speed
+    from core.assets import demo_target
+
+    try:
+        theirs = speculators_step_speed(docs, feats["t2d"], feats["d2t"], target=demo_target(),
+                                        docs_per_step=args.docs_per_step, ttt_steps=args.ttt,
+                                        steps=len(groups_of(docs, args.docs_per_step)) * args.repeat,
+                                        threads=args.threads)
+        theirs_mem = speculators_step_speed(docs[:args.docs_per_step * args.mem_steps], feats["t2d"],
+                                            feats["d2t"], target=demo_target(), docs_per_step=args.docs_per_step,
+                                            ttt_steps=args.ttt, steps=args.mem_steps, warmup=0,
+                                            threads=args.threads)
+    except PeerError as e:
+        raise SystemExit(f"error: speculators 0.9.0 could not run: {e}")
+    print(f"speculators 0.9.0: {theirs['tokens_per_s']:8.1f} tokens/s ({theirs['tokens']} tokens in "
+          f"{theirs['seconds']:.1f} s)  peak RSS {theirs_mem['peak_rss_mb']:6.0f} MB during {args.mem_steps} steps")
+    print(f"ratio vs speculators 0.9.0: {timing['ours']['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
+          f"{memory['ours']['peak_rss_mb'] / theirs_mem['peak_rss_mb']:.2f}x peak RSS (goal >= 1.5x at <= 1.0x; "
+          "their step runs in its own process, not interleaved: repeat and compare medians)")
 
 
 if __name__ == "__main__":
