@@ -188,6 +188,22 @@ def test_checkpoint_refuses_when_it_does_not_fit(small_fs):
     assert not list((fs / "run" / "checkpoints").iterdir())
 
 
+def test_the_runs_embedding_file_refuses_when_it_does_not_fit(small_fs):
+    import torch
+
+    from core.train.checkpoint import EMBED_FILE, write_run_embeddings
+
+    _isolated_env()
+    fs = small_fs.mount("64k")
+    (fs / "run").mkdir()
+    with pytest.raises(disk.DiskSpaceError) as e:
+        write_run_embeddings(fs / "run", torch.zeros(256, 128))  # 128 KB
+    assert "embedding file" in str(e.value) and "needs about" in str(e.value)
+    assert not (fs / "run" / EMBED_FILE).exists()
+    write_run_embeddings(fs / "run", torch.zeros(16, 128))  # 8 KB fits
+    assert (fs / "run" / EMBED_FILE).is_file()
+
+
 def test_a_journal_line_cut_by_a_full_disk_is_taken_back(small_fs):
     from core.regen.journal import Journal
 

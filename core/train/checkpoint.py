@@ -327,7 +327,9 @@ def write_run_embeddings(run_dir: str | Path, embed: torch.Tensor) -> None:
 
     from core.manifest import atomic_path
 
-    with atomic_path(Path(run_dir) / EMBED_FILE) as tmp:
+    path = Path(run_dir) / EMBED_FILE
+    disk.check_free(run_dir, embed.numel() * embed.element_size() + (1 << 12), "the run's embedding file")
+    with disk.naming_full_disk(path), atomic_path(path) as tmp:
         save_file({EMBED_KEY: embed.detach().cpu().contiguous()}, str(tmp))
 
 
