@@ -188,6 +188,9 @@ def test_engine_bench_without_an_engine_is_skipped_with_a_note(tmp_path, tiny_ta
     monkeypatch.delenv("EAGLE_ENGINE_PYTHON", raising=False)
     cfg = _config(tmp_path, tiny_target, regen=False)
     cfg.serve.bench = True
+    from core.pipeline import reserve_eval_prompts
+
+    reserve_eval_prompts(cfg, ListSink())
     write_draft_export(make_draft(tiny_target), cfg.step_output_dir("export"), tiny_target)
     sink = ListSink()
     out = _engine_bench(cfg, str(tiny_target), sink)

@@ -48,8 +48,8 @@ async def next_pane(pilot, expected: int) -> None:
 
 async def test_wizard_runs_a_quick_pipeline_and_resumes(tmp_path, tiny_target):
     data = write_jsonl(tmp_path / "chats.jsonl", [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in QA * 4])
+        {"messages": [{"role": "user", "content": f"{q} ({i})"}, {"role": "assistant", "content": a}]}
+        for i, (q, a) in enumerate(QA * 4)])  # distinct prompts: the first 6 are held out for eval
     config_path = tmp_path / "pipeline.yaml"
     app = EagleApp(config=RunConfig(), config_path=config_path, system=fixed_system(), probe=False,
                    cursor_blink=False)
@@ -92,9 +92,10 @@ async def test_wizard_runs_a_quick_pipeline_and_resumes(tmp_path, tiny_target):
         await pilot.pause()
         dash = app.screen
         summary = flat(dash.query_one("#job-summary"))
-        assert "lossless: True" in summary and "accept length τ (measured):" in summary
+        assert "lossless: True" in summary and "accept length τ (real decoding):" in summary
+        assert "τ measured on: 2 prompts, 2 held out" in summary
         labels = {r.label for r in dash.query(CurveRow)}
-        assert {"loss", "acc TTT0", "acc TTT1", "τ_sim"} <= labels
+        assert {"loss", "acc TTT0", "acc TTT1", "τ_sim", "held-out τ"} <= labels
         assert job.stages["cache"].status == "finished" and job.stages["cache"].shards
 
         # the YAML it ran is the one `eagle run` reads
@@ -102,7 +103,9 @@ async def test_wizard_runs_a_quick_pipeline_and_resumes(tmp_path, tiny_target):
         assert (cfg.target.model, cfg.regen.enabled, cfg.features.max_length) == (str(tiny_target), False, 64)
         work = tmp_path / "work"
         cache = load_manifest(work / "cache")
-        assert cache.complete and sum(s["samples"] for s in cache.shards) == 16
+        written = sum(s["samples"] for s in cache.shards)  # 16 rows after the 6 held out, minus any
+        assert cache.complete and written == cache.extra["num_samples"]  # with no answer within 64 tokens
+        assert written + cache.extra["skipped"] == 16
         assert (work / "run" / "metrics.jsonl").is_file() and (work / "run" / "latest").exists()
         assert (work / "export" / "config.json").is_file() and (work / "export" / "model.safetensors").is_file()
         report = json.loads((work / "eval.json").read_text())
