@@ -36,6 +36,8 @@ class ServePane(Pane):
                        hint="with top-k 1: steps + 1")
         yield FieldRow("serve.tp_size", "Tensor parallel", "int", minimum=1)
         yield FieldRow("serve.port", "Port", "int", minimum=1, maximum=65535)
+        yield FieldRow("serve.bench", "Prove in vLLM", "bool",
+                       hint="after export: vLLM without / with the draft, its τ vs eval's, speedup")
         yield Static(id="serve-command", classes="command")
 
     def sync(self, cfg: Any) -> None:
