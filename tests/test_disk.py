@@ -232,3 +232,27 @@ def test_the_tmpfs_tests_in_a_user_namespace_when_not_root():
                         "no:cacheprovider", "-k", "not user_namespace", "-rs"],
                        capture_output=True, text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0 and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_cache_worker_process_names_the_file(small_fs, tiny_target, tmp_path):
+    """With --nproc 2 the full disk happens in a spawned worker: the parent still says which file
+    and how much is free, and the folder resumes."""
+    from core.cache import build_cache
+    from feature_support import write_conversations as write_convs
+
+    _isolated_env()
+    data = write_convs(tmp_path / "convs.jsonl", 24, max_sentences=1)
+    full = build_cache(_cache_cfg(tiny_target, data, tmp_path / "clean"))
+    fs = small_fs.mount(f"{(full.bytes // 2) // 4096 * 4096}")
+    out = fs / "cache"
+    os.environ[disk.IGNORE_ENV] = "1"
+    try:
+        with pytest.raises(disk.DiskFullError) as e:
+            build_cache(_cache_cfg(tiny_target, data, out, nproc=2, device="cpu"))
+    finally:
+        _isolated_env()
+    assert "no space left on device writing" in str(e.value) and str(out) in str(e.value)
+    small_fs.mount("20m")
+    res = build_cache(_cache_cfg(tiny_target, data, out, nproc=2, device="cpu", resume=True))
+    assert res.resumed and res.shards_written < res.shards

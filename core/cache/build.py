@@ -282,6 +282,11 @@ def _run_processes(jobs: list[WorkerJob], on_report) -> None:
             if msg["type"] == "done":
                 finished.add(msg["rank"])
             elif msg["type"] == "error":
+                if msg.get("full_disk"):
+                    from core.disk import full_disk_error
+
+                    err = OSError(28, "No space left on device", msg.get("filename"))
+                    raise full_disk_error(err, jobs[msg["rank"]].output_dir)
                 cls = UsageError if msg.get("exit_code") == 2 else EagleError
                 raise cls(f"cache worker {msg['rank']}: {msg['message']}")
             else:

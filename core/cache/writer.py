@@ -154,5 +154,12 @@ def worker_main(job: WorkerJob, queue: Any) -> None:
     except EagleError as e:
         queue.put({"type": "error", "rank": job.rank, "message": str(e), "exit_code": e.exit_code})
     except BaseException as e:  # report, then let the process end
+        from core.disk import first_full_disk
+
+        full = first_full_disk(e)
+        if full is not None:  # the parent names the file, the free space and the resume command
+            queue.put({"type": "error", "rank": job.rank, "exit_code": 1, "full_disk": True,
+                       "filename": getattr(full, "filename", None), "message": f"{type(e).__name__}: {e}"})
+            return
         queue.put({"type": "error", "rank": job.rank, "exit_code": 1,
                    "message": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
