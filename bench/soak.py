@@ -152,6 +152,25 @@ def kill_round(fig: Figures, argv: list[str], progress: Callable[[], int], total
     fig.survived += pending
 
 
+def soak_rounds(fig: Figures, work: Path, kills: int, rng: random.Random, argv: Callable[[Path], list[str]],
+                progress: Callable[[Path], Callable[[], int]], total: int,
+                compare: Callable[[Path, Path], None], **kw) -> Path:
+    """The uninterrupted run (WORK/STAGE-clean), then rounds of kill_round into fresh folders until
+    `kills` kills happened, each round's outputs compared with the clean run's. Returns the clean
+    folder for the stage's other faults."""
+    clean = work / f"{fig.stage}-clean"
+    r = run_to_end(argv(clean))
+    if r.returncode != 0:
+        raise StageFailed(f"clean {fig.stage} exited {r.returncode}: {one_line(r.stderr)}")
+    rnd = 0
+    while fig.kills < kills:
+        out = work / f"{fig.stage}-{rnd}"
+        kill_round(fig, argv(out), progress(out), total, rng, min(KILLS_PER_ROUND, kills - fig.kills), **kw)
+        compare(out, clean)
+        rnd += 1
+    return clean
+
+
 def count_lines(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")
@@ -211,18 +230,8 @@ def soak_regen(work: Path, kills: int, rng: random.Random) -> Figures:
         fig.rounds += 1
 
     with FaultServer(delay_s=0.03, max_lifetime_s=3600) as srv:
-        clean = work / "regen-clean"
-        r = run_to_end(argv(clean, srv.url))
-        if r.returncode != 0:
-            raise StageFailed(f"clean regen exited {r.returncode}: {one_line(r.stderr)}")
-        rnd = 0
-        while fig.kills < kills:
-            out = work / f"regen-{rnd}"
-            jr = out / ".regen" / "journal.jsonl"
-            kill_round(fig, argv(out, srv.url), lambda: count_lines(jr), n, rng,
-                       min(KILLS_PER_ROUND, kills - fig.kills))
-            compare(out, clean)
-            rnd += 1
+        clean = soak_rounds(fig, work, kills, rng, lambda out: argv(out, srv.url),
+                            lambda out: lambda: count_lines(out / ".regen" / "journal.jsonl"), n, compare)
 
         # SIGTERM: stops like Ctrl-C (exit 130), then --resume
         out = work / "regen-sigterm"
@@ -318,17 +327,7 @@ def soak_cache(work: Path, kills: int, rng: random.Random) -> Figures:
         fig.mismatches += differ + int(m["shards"] != ref["shards"] or not m["complete"])
         fig.rounds += 1
 
-    clean = work / "cache-clean"
-    r = run_to_end(argv(clean))
-    if r.returncode != 0:
-        raise StageFailed(f"clean cache exited {r.returncode}: {one_line(r.stderr)}")
-    rnd = 0
-    while fig.kills < kills:
-        out = work / f"cache-{rnd}"
-        kill_round(fig, argv(out), progress(out), shards, rng, min(KILLS_PER_ROUND, kills - fig.kills),
-                   startup_s=8.0)
-        compare(out, clean)
-        rnd += 1
+    clean = soak_rounds(fig, work, kills, rng, argv, progress, shards, compare, startup_s=8.0)
 
     out = work / "cache-sigterm"  # no handler: SIGTERM ends it like a kill (-15); --resume
     rc = interrupt(argv(out), progress(out), shards, random.Random(rng.random()), sig=signal.SIGTERM)
@@ -383,17 +382,7 @@ def soak_train(work: Path, kills: int, rng: random.Random) -> Figures:
         fig.mismatches += int(ref_dir.name != got_dir.name)
         fig.rounds += 1
 
-    clean = work / "train-clean"
-    r = run_to_end(argv(clean))
-    if r.returncode != 0:
-        raise StageFailed(f"clean train exited {r.returncode}: {one_line(r.stderr)}")
-    rnd = 0
-    while fig.kills < kills:
-        out = work / f"train-{rnd}"
-        kill_round(fig, argv(out), progress(out), steps, rng, min(KILLS_PER_ROUND, kills - fig.kills),
-                   startup_s=8.0)
-        compare(out, clean)
-        rnd += 1
+    clean = soak_rounds(fig, work, kills, rng, argv, progress, steps, compare, startup_s=8.0)
 
     out = work / "train-sigterm"  # saves the step it is on, exits 130; --resume
     rc = interrupt(argv(out), progress(out), steps, random.Random(rng.random()), sig=signal.SIGTERM)
