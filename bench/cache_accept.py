@@ -31,6 +31,7 @@ Bytes per sample are the shard files on disk; NeMo pads every sample to max_leng
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -54,6 +55,23 @@ CACHE_OPTIONS = {
     "fp8-top64": dict(aux_dtype="fp8", target_store="topk", topk=64),
     "fp8-hidden": dict(aux_dtype="fp8", target_store="hidden", target_dtype="bf16"),
 }
+
+
+@contextlib.contextmanager
+def work_folder(path: str | None, prefix: str) -> Iterator[Path]:
+    """`path` emptied first and kept afterwards (to look at), or a temporary folder removed at the end."""
+    if path:
+        work = Path(path)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        yield work
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def spread_topk_expand(values: torch.Tensor, indices: torch.Tensor, draft_vocab_size: int) -> torch.Tensor:
@@ -192,20 +210,12 @@ def main() -> None:
     t_all = time.perf_counter()
     target = demo_target()
     shape = TargetShape.resolve(str(target))
-    tmp = None
-    if a.workdir:
-        work = Path(a.workdir)
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-    else:
-        work = Path(tmp := tempfile.mkdtemp(prefix="cache-accept-"))
-    data = write_demo_subset(work / "conversations.jsonl", a.train + a.prompts + 8, a.max_chars)
-    print(f"SmolLM2-135M-Instruct (hidden {shape.hidden_size}), {a.train} training conversations "
-          f"(<= {a.max_chars} chars, max length {a.max_length}), draft vocab {a.draft_vocab_size}, "
-          f"{a.steps} steps, TTT 3, eval {a.prompts} held-out prompts x {a.max_new_tokens} tokens, k=3, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    try:
+    with work_folder(a.workdir, "cache-accept-") as work:
+        data = write_demo_subset(work / "conversations.jsonl", a.train + a.prompts + 8, a.max_chars)
+        print(f"SmolLM2-135M-Instruct (hidden {shape.hidden_size}), {a.train} training conversations "
+              f"(<= {a.max_chars} chars, max length {a.max_length}), draft vocab {a.draft_vocab_size}, "
+              f"{a.steps} steps, TTT 3, eval {a.prompts} held-out prompts x {a.max_new_tokens} tokens, k=3, "
+              f"torch threads {torch.get_num_threads()}", flush=True)
         caches: dict[str, dict] = {}
         for name in CACHE_OPTIONS:
             caches[name] = build(name, target, data, work, a)
@@ -230,9 +240,6 @@ def main() -> None:
         print(f"\nwall time {report['seconds'] / 60:.1f} min")
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=2, default=str))
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summarize(caches: dict, results: dict, shape: Any, a: argparse.Namespace) -> dict[str, Any]:

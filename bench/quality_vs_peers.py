@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +48,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import peers  # noqa: E402
-from cache_accept import tau_loss_interval  # noqa: E402
+from cache_accept import tau_loss_interval, work_folder  # noqa: E402
 
 CACHE_OPTIONS = dict(aux_dtype="bf16", target_store="hidden", target_dtype="bf16")
 
@@ -267,57 +265,47 @@ def main() -> int:
 
     t_all = time.perf_counter()
     target = demo_target()
-    tmp = None
-    if a.workdir:
-        work = Path(a.workdir)
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-    else:
-        work = Path(tmp := tempfile.mkdtemp(prefix="quality-vs-peers-"))
-    try:
-        data, heldout = prepare_data(a, work)
-        cache = build_features(a, target, data, heldout, work)
-        from core.cache import CacheReader
+    with work_folder(a.workdir, "quality-vs-peers-") as work:
+        try:
+            data, heldout = prepare_data(a, work)
+            cache = build_features(a, target, data, heldout, work)
+            from core.cache import CacheReader
 
-        aux = list(CacheReader(cache["dir"]).target_info["aux_layer_ids"])
-        steps, sched_tokens = our_schedule(cache["dir"], a)
-        total = len(steps)
-        say(f"SmolLM2-135M-Instruct; {cache['samples']} training conversations ({cache['tokens']} tokens, "
-            f"max length {a.max_length}), draft vocab {a.draft_vocab_size} (coverage {cache['coverage']:.1%}), "
-            f"{total} optimizer steps ({sched_tokens} tokens), TTT {a.ttt}, lr {a.lr} warmup "
-            f"{a.warmup_ratio} cosine, AdamW 0.9/0.95, clip {a.grad_clip}; {a.prompts} held-out "
-            f"prompts x {a.max_new_tokens} tokens, k=3 greedy; torch threads {torch.get_num_threads()}")
-        features = work / "peer-features.safetensors"
-        write_peer_features(cache["dir"], steps, features, a.max_length)
+            aux = list(CacheReader(cache["dir"]).target_info["aux_layer_ids"])
+            steps, sched_tokens = our_schedule(cache["dir"], a)
+            total = len(steps)
+            say(f"SmolLM2-135M-Instruct; {cache['samples']} training conversations ({cache['tokens']} tokens, "
+                f"max length {a.max_length}), draft vocab {a.draft_vocab_size} (coverage {cache['coverage']:.1%}), "
+                f"{total} optimizer steps ({sched_tokens} tokens), TTT {a.ttt}, lr {a.lr} warmup "
+                f"{a.warmup_ratio} cosine, AdamW 0.9/0.95, clip {a.grad_clip}; {a.prompts} held-out "
+                f"prompts x {a.max_new_tokens} tokens, k=3 greedy; torch threads {torch.get_num_threads()}")
+            features = work / "peer-features.safetensors"
+            write_peer_features(cache["dir"], steps, features, a.max_length)
 
-        say("training ours ...")
-        ours_tr = train_ours(a, cache["dir"], total, work)
-        if ours_tr["tokens"] != sched_tokens:  # the peer's schedule must be the one ours ran
-            raise SystemExit(f"error: our run trained on {ours_tr['tokens']} tokens, the schedule "
-                             f"handed to the peer holds {sched_tokens}")
-        say(f"  ours: {total} steps in {ours_tr['seconds']:.0f}s ({ours_tr['tokens_per_s']:.0f} tokens/s)")
-        say("training speculators ...")
-        peer_tr = train_peer(a, features, target, aux, total, work)
-        say(f"  speculators: {peer_tr['steps']} steps in {peer_tr['seconds']:.0f}s "
-            f"({peer_tr['tokens_per_s']:.0f} tokens/s)")
+            say("training ours ...")
+            ours_tr = train_ours(a, cache["dir"], total, work)
+            if ours_tr["tokens"] != sched_tokens:  # the peer's schedule must be the one ours ran
+                raise SystemExit(f"error: our run trained on {ours_tr['tokens']} tokens, the schedule "
+                                 f"handed to the peer holds {sched_tokens}")
+            say(f"  ours: {total} steps in {ours_tr['seconds']:.0f}s ({ours_tr['tokens_per_s']:.0f} tokens/s)")
+            say("training speculators ...")
+            peer_tr = train_peer(a, features, target, aux, total, work)
+            say(f"  speculators: {peer_tr['steps']} steps in {peer_tr['seconds']:.0f}s "
+                f"({peer_tr['tokens_per_s']:.0f} tokens/s)")
 
-        ours_dir = export_ours(ours_tr["run_dir"], target, work)
-        peer_dir, fixes = export_peer(peer_tr["output"], target, work)
-        say(f"exported ours -> {ours_dir}; converted speculators' -> {peer_dir} ({'; '.join(fixes)})")
-        diff = check_conversion(peer_tr["output"], peer_dir, features, target, work)
-        if not diff < 1e-3:
-            raise SystemExit(f"error: the converted speculators draft differs from theirs (step-0 "
-                             f"logits up to {diff:.3g} apart): the comparison would be unfair")
-        say(f"  conversion checked: step-0 logits equal to theirs within {diff:.1e}")
-        say("measuring both on the held-out prompts ...")
-        ev = {"ours": measure(ours_dir, target, heldout, a), "speculators": measure(peer_dir, target, heldout, a)}
-    except peers.PeerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+            ours_dir = export_ours(ours_tr["run_dir"], target, work)
+            peer_dir, fixes = export_peer(peer_tr["output"], target, work)
+            say(f"exported ours -> {ours_dir}; converted speculators' -> {peer_dir} ({'; '.join(fixes)})")
+            diff = check_conversion(peer_tr["output"], peer_dir, features, target, work)
+            if not diff < 1e-3:
+                raise SystemExit(f"error: the converted speculators draft differs from theirs (step-0 "
+                                 f"logits up to {diff:.3g} apart): the comparison would be unfair")
+            say(f"  conversion checked: step-0 logits equal to theirs within {diff:.1e}")
+            say("measuring both on the held-out prompts ...")
+            ev = {"ours": measure(ours_dir, target, heldout, a), "speculators": measure(peer_dir, target, heldout, a)}
+        except peers.PeerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     o, p = ev["ours"], ev["speculators"]
     ratio = o["tau"] / p["tau"]
