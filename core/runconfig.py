@@ -162,10 +162,12 @@ class RunConfig:
         base = getattr(self, "_base_dir", None)
         return w if w.is_absolute() or base is None else Path(base) / w
 
-    def heldout_count(self) -> int:
-        if self.dataset.heldout is not None:
-            return self.dataset.heldout
+    def heldout_needed(self) -> int:
+        """Prompts the pipeline uses held out: checkpoint selection, then evaluation."""
         return self.train.select_prompts + (self.eval.num_prompts if self.eval.enabled else 0)
+
+    def heldout_count(self) -> int:
+        return self.dataset.heldout if self.dataset.heldout is not None else self.heldout_needed()
 
     def heldout_path(self) -> Path:
         return self.workdir_path() / "heldout.jsonl"
@@ -233,7 +235,7 @@ class RunConfig:
         check(t.select_prompts >= 0, "train.select_prompts", "must be >= 0")
         check(t.select_max_new_tokens >= 1, "train.select_max_new_tokens", "must be >= 1")
         check(t.select_seconds > 0, "train.select_seconds", "must be > 0")
-        need = t.select_prompts + (self.eval.num_prompts if self.eval.enabled else 0)
+        need = self.heldout_needed()
         check(self.dataset.heldout is None or self.dataset.heldout >= need, "dataset.heldout",
               f"must be >= train.select_prompts + eval.num_prompts = {need}: evaluation prompts are "
               "held out, never trained on")

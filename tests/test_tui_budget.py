@@ -13,7 +13,7 @@ from eagle_tui.screens.wizard import WizardScreen
 from eagle_tui.sysinfo import GpuInfo
 from eagle_tui.widgets import estimates
 from eagle_tui.widgets.budget_panel import BudgetPanel, assess
-from eagle_tui.widgets.estimates import StepBudget
+from core.step_budgets import StepBudget
 from tui_support import GB, fixed_system, flat, make_app, plain, wait_for, write_jsonl
 
 SIZE = (120, 40)

@@ -15,8 +15,9 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
+from core.step_budgets import StepBudget
 from eagle_tui.sysinfo import GpuInfo, SystemInfo
-from eagle_tui.widgets.estimates import StepBudget, fmt_bytes, fmt_time, step_budgets
+from eagle_tui.widgets.estimates import fmt_bytes, fmt_time, step_budgets
 
 TIGHT = 0.9  # warn (yellow) above this share of what is free
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.step_budgets import StepBudget  # noqa: F401  (the panels draw these)
+from core.step_budgets import StepBudget
 
 PENDING = "(estimate unavailable: {why})"
 

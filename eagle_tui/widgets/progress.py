@@ -129,16 +129,20 @@ PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"), ("prompt_set", "τ
                  ("sglang_command", "SGLang"), ("vllm_command", "vLLM"), ("seconds", "seconds")]
 
 
+def _pipeline_value(key: str, v: Any) -> Any:
+    if key == "prompt_set":  # {count, held_out, trained_on, ...} -> "12 prompts, 12 held out"
+        from core.evaluate.report import prompt_set_label
+
+        return f"{v.get('count')} prompts, {prompt_set_label(v)}"
+    return v
+
+
 def summary_text(summary: dict[str, Any], pipeline: bool = False) -> Text:
     """A stage's final summary; `eagle run`'s own is shown as the headline numbers and commands."""
     out = Text()
-    items = [(label, summary[k]) for k, label in PIPELINE_KEYS if summary.get(k) is not None] if pipeline \
-        else list(summary.items())
+    items = [(label, _pipeline_value(k, summary[k])) for k, label in PIPELINE_KEYS
+             if summary.get(k) is not None] if pipeline else list(summary.items())
     for k, v in items:
-        if k == "τ measured on":
-            from core.evaluate.report import prompt_set_label
-
-            v = f"{v.get('count')} prompts, {prompt_set_label(v)}"
         out.append(f"{k}: ", style="bold")
         style = "green" if k == "lossless" and v is True else "bold red" if k == "lossless" else ""
         out.append(fmt_value(v) + "\n", style=style)
