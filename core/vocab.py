@@ -20,6 +20,7 @@ import torch
 
 from core.errors import CorruptDataError, InputDataError, SettingsMismatchError, UsageError
 from core.manifest import atomic_path, canonical_json, diff_settings, settings_hash, write_json_atomic
+from core.vocab_config import VocabConfig
 
 VOCAB_TENSORS = "vocab.safetensors"
 VOCAB_META = "vocab.json"
@@ -298,36 +299,6 @@ def tokenize_dataset(spec: Any, tokenizer: Any, events: Any = None, stage: str =
         raise InputDataError(f"no usable conversations ({len(skipped)} skipped"
                              + (f", e.g. {skipped[0]['reason']})" if skipped else ")"), path=spec.data)
     return samples, skipped
-
-
-@dataclass
-class VocabConfig:
-    target: str  # model folder (tokenizer + config.json), or "demo"
-    output_dir: str
-    draft_vocab_size: int = 32000
-    data: str | None = None  # a dataset (core.data source), or
-    token_freq: str | None = None  # a saved token-frequency file (.safetensors / .npy / .json)
-    max_length: int = 2048
-    split: str | None = None
-    messages_column: str | None = None
-    shuffle_seed: int | None = None
-    limit: int | None = None
-    strict: bool = False
-    exclude: str | None = None  # held-out conversations (JSONL) whose prompts are left out
-    resume: bool = False
-
-    def validate(self) -> "VocabConfig":
-        if (self.data is None) == (self.token_freq is None):
-            raise UsageError("give exactly one of a dataset (--data) or a token-frequency file (--token-freq)")
-        if self.draft_vocab_size < 1:
-            raise UsageError(f"draft vocab size must be >= 1, got {self.draft_vocab_size}")
-        if self.max_length < 2:
-            raise UsageError(f"max length must be >= 2, got {self.max_length}")
-        if self.target != "demo" and not (Path(self.target) / "config.json").exists():
-            raise InputDataError("not a Hugging Face model folder (no config.json)", path=self.target)
-        if self.token_freq is not None and not Path(self.token_freq).exists():
-            raise InputDataError("token-frequency file not found", path=self.token_freq)
-        return self
 
 
 def make_vocab(cfg: VocabConfig, events: Any = None) -> DraftVocab:

@@ -91,8 +91,8 @@ def test_bad_arguments_are_refused_before_any_request(tmp_path, capsys):
     inp = write_conversations(tmp_path / "in.jsonl", ["q0"])
     with FaultServer(max_lifetime_s=60) as srv:
         base = ["regen", "--input-data", inp, "--model", "m", "--target-server", srv.url]
-        for extra, text in [(["--concurrency", "0"], "concurrency"), (["--top-p", "2"], "top_p"),
-                            (["--reasoning", "maybe"], "reasoning"), (["--turns", "x"], "turns"),
+        for extra, text in [(["--concurrency", "0"], "--concurrency"), (["--top-p", "2"], "--top-p"),
+                            (["--reasoning", "maybe"], "--reasoning"), (["--turns", "x"], "--turns"),
                             (["--launch", "transformers"], "not both")]:
             code = main([*base, "--output-dir", str(tmp_path / "o1"), *extra])
             err = capsys.readouterr().err

@@ -38,7 +38,7 @@ def cfg(**kw) -> RegenConfig:
 def test_config_rejects_bad_values_naming_the_field(kw, field):
     with pytest.raises(UsageError) as e:
         cfg(**kw).validate()
-    assert field in str(e.value) and e.value.exit_code == 2
+    assert "--" + field.replace("_", "-") in str(e.value) and e.value.exit_code == 2
 
 
 @pytest.mark.parametrize("kw, text", [

@@ -3,75 +3,87 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from core.cache.layout import StorageOptions
-from core.errors import InputDataError, UsageError
+from pydantic import Field, model_validator
+
+from core.cache.layout import AUX_DTYPES, TARGET_DTYPES, TARGET_STORES, StorageOptions
+from core.errors import InputDataError
+from core.settings import (DataSelection, Settings, aux_layers_field, check_aux_layers,
+                           draft_vocab_size_field, refuse)
+
+_D = StorageOptions  # the storage defaults live with the format
 
 
-@dataclass
-class CacheConfig:
-    target: str  # local HF model folder, or "demo" (embedded SmolLM2-135M-Instruct)
-    data: str  # dataset source (core.data.DataSpec.source), or "demo"
-    output_dir: str
-    draft_vocab_size: int = 32000
-    vocab: Optional[str] = None  # a saved draft vocab (`eagle vocab` output); checked against the data
-    aux_layer_ids: Optional[list[int]] = None  # default: outputs of layers [1, N//2-1, N-4]
-    max_length: int = 2048
-    aux_dtype: str = "fp8"  # bf16 | fp16 | fp8
-    target_store: str = "topk"  # probs | topk | hidden
-    topk: int = 64
-    target_dtype: str = "bf16"  # stored probs / final hidden dtype
-    shard_size: int = 256  # samples per shard
-    batch_tokens: int = 4096  # padded tokens per target forward
-    nproc: int = 1  # worker processes (one per GPU on CUDA)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    device_map: Optional[str] = None  # "auto": spread a large target over all visible GPUs
-    split: Optional[str] = None
-    messages_column: Optional[str] = None
-    shuffle_seed: Optional[int] = None
-    limit: Optional[int] = None
-    strict: bool = False
-    exclude: Optional[str] = None  # held-out conversations (JSONL) whose prompts are left out
-    resume: bool = False
+class CacheSettings(Settings):
+    """The feature-cache knobs: `eagle cache` options; `eagle run`'s `features` section is derived."""
+
+    cli_names = {"aux_layer_ids": "--aux-layers"}
+
+    draft_vocab_size: int = draft_vocab_size_field()
+    aux_layer_ids: Optional[list[int]] = aux_layers_field()
+    max_length: int = Field(2048, ge=2, description="Tokens per conversation (truncated).")
+    aux_dtype: Literal[AUX_DTYPES] = Field(_D.aux_dtype, description="Stored aux hidden states: bf16 | "
+                                           "fp16 | fp8 (e4m3 + per-token scales).")
+    target_store: Literal[TARGET_STORES] = Field(_D.target_store, description="probs (all Vd) | topk | "
+                                                 "hidden (final hidden state; distribution recomputed "
+                                                 "when read).")
+    topk: int = Field(_D.topk, ge=1, description="k for target_store topk.")
+    target_dtype: Literal[TARGET_DTYPES] = Field(_D.target_dtype, description="bf16 | fp16 for stored "
+                                                 "probs / hidden.")
+    shard_size: int = Field(256, ge=1, description="Samples per shard.")
+    batch_tokens: int = Field(4096, ge=1, description="Padded tokens per target forward.")
+    nproc: int = Field(1, ge=1, description="Worker processes (one per GPU).")
+    device_map: Optional[Literal["auto"]] = Field(None, description="'auto': spread a target larger "
+                                                  "than one GPU over all GPUs.")
+
+    @model_validator(mode="after")
+    def _knobs_agree(self):
+        check_aux_layers(self.aux_layer_ids, "aux_layer_ids")
+        if self.target_store == "topk" and self.topk > self.draft_vocab_size:
+            raise refuse("topk", f"{self.topk} exceeds {{draft_vocab_size}} {self.draft_vocab_size}")
+        if self.batch_tokens < self.max_length:
+            raise refuse("batch_tokens", f"{self.batch_tokens} must be >= {{max_length}} ({self.max_length}) "
+                         "so the longest sample fits one forward")
+        if self.device_map is not None and self.nproc > 1:
+            raise refuse("device_map", "'auto' spreads one target over all GPUs; it cannot be "
+                         "combined with nproc > 1")
+        return self
+
+
+class CacheConfig(CacheSettings, DataSelection):
+    """Every setting of `eagle cache`: the knobs plus target, data, output and resume."""
+
+    cli_names = {**CacheSettings.cli_names, "output_dir": "--output"}
+
+    target: str = Field(description="Target model folder, or 'demo' (embedded SmolLM2-135M-Instruct).")
+    data: str = Field(description="Dataset: file, folder (e.g. `eagle regen` output), hub name, or 'demo'.")
+    output_dir: str = Field(description="Cache folder to write.")
+    vocab: Optional[str] = Field(None, description="Use this `eagle vocab` output instead of building "
+                                 "the vocab from the data.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    resume: bool = Field(False, description="Continue the work found in the output directory.")
     command: Optional[str] = None  # provenance: the command line that made it
-    extra_provenance: dict[str, Any] = field(default_factory=dict)
+    extra_provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _device_ok(self):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise refuse("device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        return self
 
     @property
     def storage(self) -> StorageOptions:
         return StorageOptions(aux_dtype=self.aux_dtype, target_store=self.target_store,
                               topk=self.topk, target_dtype=self.target_dtype)
 
-    def validate(self) -> "CacheConfig":
-        self.storage.validate(self.draft_vocab_size)
-        for name, value, low in (("draft vocab size", self.draft_vocab_size, 1),
-                                 ("max length", self.max_length, 2), ("shard size", self.shard_size, 1),
-                                 ("batch tokens", self.batch_tokens, 1), ("nproc", self.nproc, 1)):
-            if value < low:
-                raise UsageError(f"{name} must be >= {low}, got {value}")
-        if self.batch_tokens < self.max_length:
-            raise UsageError(f"batch tokens ({self.batch_tokens}) must be >= max length "
-                             f"({self.max_length}) so the longest sample fits one forward")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"limit must be >= 1, got {self.limit}")
-        if self.aux_layer_ids is not None:
-            ids = list(self.aux_layer_ids)
-            if len(ids) != 3 or len(set(ids)) != 3 or min(ids) < 0:
-                raise UsageError(f"aux layer ids {ids}: need three distinct non-negative layer ids")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise UsageError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        if self.device_map not in (None, "auto"):
-            raise UsageError(f"device_map {self.device_map!r}: only 'auto' is supported")
-        if self.device_map is not None and self.nproc > 1:
-            raise UsageError("device_map 'auto' spreads one target over all GPUs; it cannot be "
-                             "combined with nproc > 1")
+    def check_inputs(self) -> None:
         if self.target != "demo" and not (Path(self.target) / "config.json").exists():
             raise InputDataError("not a Hugging Face model folder (no config.json)", path=self.target)
         if self.vocab is not None and not Path(self.vocab).exists():
             raise InputDataError("draft vocab folder not found", path=self.vocab)
-        return self
 
 
 @dataclass

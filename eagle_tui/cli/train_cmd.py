@@ -48,78 +48,56 @@ def _under_torchrun() -> bool:
 
 
 def register(app: typer.Typer) -> None:
+    from core.train.config import TrainConfig as C
+
     @app.command("train", help=HELP)
     def train(
-        output_dir: Path = typer.Option(..., "--output-dir", "--output", "-o", help="Run directory."),
-        target: Optional[str] = typer.Option(None, "--target", help="Target model folder, or 'demo'. "
-                                             "Offline: default is the folder the cache records."),
-        data: Optional[str] = typer.Option(None, "--data", help="Online: dataset file, folder "
-                                           "(e.g. `eagle regen` output), hub name, or 'demo'."),
-        cache: Optional[str] = typer.Option(None, "--cache", help="Offline: an `eagle cache` folder."),
-        split: Optional[str] = typer.Option(None, "--split", help="Dataset split / slice, e.g. train[:1000]."),
-        messages_column: Optional[str] = typer.Option(None, "--messages-column"),
-        limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many conversations."),
-        shuffle_seed: Optional[int] = typer.Option(None, "--shuffle-seed", help="Online: shuffle the "
-                                                   "rows first (as regen / cache do)."),
-        strict: bool = typer.Option(False, "--strict", help="Online: fail at the first bad row."),
-        exclude: Optional[str] = common.ExcludeOpt,
-        val_data: Optional[str] = typer.Option(None, "--val-data", help="A separate validation "
-                                               "dataset (online)."),
-        val_fraction: float = typer.Option(0.05, "--val-fraction", help="Share held out for "
-                                           "validation when --val-data is not given (0: none)."),
-        vocab: Optional[str] = typer.Option(None, "--vocab", help="Online: use this `eagle vocab` output."),
-        draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Online: "
-                                                       "default 32000 (targets with >64k ids) or 8192."),
-        aux_layers: Optional[str] = typer.Option(None, "--aux-layers", help="Online: three 0-based "
-                                                 "layer outputs, e.g. 1,15,28 (default [1, N//2-1, N-4])."),
-        max_length: int = typer.Option(2048, "--max-length", help="Tokens per conversation (truncated)."),
-        num_layers: int = typer.Option(1, "--num-layers", help="Draft decoder layers. Deeper drafts "
-                                       "serve only where the engine supports them (vLLM); SGLang "
-                                       "serves 1."),
-        ttt_length: int = typer.Option(7, "--ttt-length", help="TTT unroll length L."),
-        decay: float = typer.Option(0.8, "--decay", help="Loss weight of TTT step k is decay^k."),
-        attention: str = typer.Option("auto", "--attention", help="auto (flex on CUDA, sdpa on CPU) "
-                                      "| sdpa | flex | eager | naive (reference)."),
-        head_init: str = typer.Option("random", "--head-init", help="random | target: lm_head rows from "
-                                      "the target's output head (tied targets: its embeddings), norm "
-                                      "from its final norm."),
-        freeze_head: bool = typer.Option(False, "--freeze-head", help="With --head-init target: keep "
-                                         "lm_head and norm fixed."),
-        init_from: Optional[str] = typer.Option(None, "--init-from", help="Warm start from a draft: an "
-                                                "export (ours, or converted by `eagle export --from`) or "
-                                                "a run; its vocabulary is remapped row by row."),
-        lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
-        warmup_ratio: float = typer.Option(0.015, "--warmup-ratio", help="Linear warmup share, then cosine."),
-        betas: str = typer.Option("0.9,0.95", "--betas", help="AdamW betas."),
-        weight_decay: float = typer.Option(0.0, "--weight-decay"),
-        grad_clip: float = typer.Option(0.5, "--grad-clip", help="Max gradient norm (0: off)."),
-        grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step "
-                                       "and process."),
-        max_tokens_per_batch: int = typer.Option(8192, "--max-tokens-per-batch", help="Packing budget: "
-                                                 "tokens per micro-batch (whole conversations, no padding)."),
-        epochs: int = typer.Option(1, "--epochs"),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps; "
-                                                "overrides --epochs (cycles the data)."),
-        seed: int = typer.Option(0, "--seed"),
-        save_every: int = typer.Option(500, "--save-every", help="Steps between checkpoints "
-                                       "(and one at the end)."),
-        keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
-        eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between validations "
-                                                 "(default --save-every; also at start and end)."),
-        select_data: Optional[str] = typer.Option(None, "--select-data", help="Held-out chat JSONL (eagle "
-                                                  "run: WORKDIR/heldout.jsonl): at every checkpoint, real "
-                                                  "speculative decoding on its first prompts picks `best`."),
-        select_prompts: int = typer.Option(4, "--select-prompts", help="Prompts decoded per checkpoint."),
-        select_seconds: float = typer.Option(120.0, "--select-seconds", help="Time bound per checkpoint."),
-        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-        nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (spawns torchrun)."),
-        fsdp: bool = typer.Option(False, "--fsdp", help="Shard the draft with FSDP instead of DDP."),
-        resume: bool = common.ResumeOpt,
+        output_dir: Path = common.option(C, "output_dir", "--output", "-o"),
+        target: Optional[str] = common.option(C, "target"),
+        data: Optional[str] = common.option(C, "data"),
+        cache: Optional[str] = common.option(C, "cache"),
+        split: Optional[str] = common.option(C, "data_split"),
+        messages_column: Optional[str] = common.option(C, "messages_column"),
+        limit: Optional[int] = common.option(C, "data_limit"),
+        shuffle_seed: Optional[int] = common.option(C, "data_shuffle_seed"),
+        strict: bool = common.option(C, "data_strict"),
+        exclude: Optional[str] = common.option(C, "data_exclude"),
+        val_data: Optional[str] = common.option(C, "val_data"),
+        val_fraction: float = common.option(C, "val_fraction"),
+        vocab: Optional[str] = common.option(C, "vocab"),
+        draft_vocab_size: Optional[int] = common.option(C, "draft_vocab_size"),
+        aux_layers: Optional[str] = common.option(C, "aux_layer_ids"),
+        max_length: int = common.option(C, "max_length"),
+        num_layers: int = common.option(C, "num_layers"),
+        ttt_length: int = common.option(C, "ttt_length"),
+        decay: float = common.option(C, "decay"),
+        attention: str = common.option(C, "attention"),
+        head_init: str = common.option(C, "head_init"),
+        freeze_head: bool = common.option(C, "freeze_head"),
+        init_from: Optional[str] = common.option(C, "init_from"),
+        lr: float = common.option(C, "lr"),
+        warmup_ratio: float = common.option(C, "warmup_ratio"),
+        betas: str = common.option(C, "betas"),
+        weight_decay: float = common.option(C, "weight_decay"),
+        grad_clip: float = common.option(C, "grad_clip"),
+        grad_accum: int = common.option(C, "grad_accum"),
+        max_tokens_per_batch: int = common.option(C, "max_tokens_per_batch"),
+        epochs: int = common.option(C, "epochs"),
+        max_steps: Optional[int] = common.option(C, "max_steps"),
+        seed: int = common.option(C, "seed"),
+        save_every: int = common.option(C, "save_every"),
+        keep_last: int = common.option(C, "keep_last"),
+        eval_every: Optional[int] = common.option(C, "eval_every"),
+        select_data: Optional[str] = common.option(C, "select_data"),
+        select_prompts: int = common.option(C, "select_prompts"),
+        select_seconds: float = common.option(C, "select_seconds"),
+        device: str = common.option(C, "device"),
+        nproc: int = common.option(C, "nproc"),
+        fsdp: bool = common.option(C, "fsdp"),
+        resume: bool = common.option(C, "resume"),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
-        from core.train import TrainConfig
-
-        cfg = TrainConfig(
+        cfg = C(
             output_dir=str(output_dir), target=target, data=data, cache=cache, data_split=split,
             messages_column=messages_column, data_limit=limit, data_shuffle_seed=shuffle_seed,
             data_strict=strict, data_exclude=exclude, val_data=val_data,
