@@ -152,7 +152,12 @@ def resolve_draft(cfg: ServeConfig) -> DraftPlan:
         if cfg.engine == "sglang":
             raise UsageError(f"{p} is in the speculators format, which SGLang does not load",
                              hint=f"use --engine vllm, or convert: eagle export --from {p} --output DIR")
-        errs = [q for q in errors_only(report.problems)]
+        nbr = next((q for q in report.problems if q.code == "norm_before_residual"), None)
+        if nbr is not None:
+            raise UsageError(f"{Path(report.checked_dir) / 'config.json'}: norm_before_residual is true, "
+                             "but eagle-tui drafts are trained with the norm after the residual "
+                             "(false): vLLM would serve it and silently lose acceptance", hint=nbr.fix)
+        errs = errors_only(report.problems)
     else:
         errs = errors_only(report.problems)
     if errs:

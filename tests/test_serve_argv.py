@@ -209,3 +209,50 @@ def test_bench_client_reports_a_failing_server():
             run_prompts("sglang", base, "T", ["hi"], 8, 10.0, NullSink(), "eagle3")
     finally:
         srv.shutdown()
+
+
+def test_speculators_export_with_norm_before_residual_true_refused(tiny_target, tmp_path, capsys, monkeypatch):
+    """Our drafts are trained with the residual taken before hidden_norm (norm_before_residual
+    false); vLLM loads a speculators config saying true and silently loses acceptance
+    (tests/test_engine_exports.py measures it). `eagle serve` (and --bench) refuse it, exit 2, one
+    line naming the file and the field, before any engine starts; `eagle export --check` flags it."""
+    import shutil
+
+    from test_export_format import make_run
+
+    from core.export import ExportConfig, check_folder, export_draft
+    from eagle_tui.cli import main
+
+    make_run(tiny_target, tmp_path / "run")
+    good = tmp_path / "spec"
+    export_draft(ExportConfig(source=str(tmp_path / "run"), output_dir=str(good), format="speculators"))
+    bad = tmp_path / "spec-nbr"
+    shutil.copytree(good, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "norm_before_residual": True}))
+    assert [q.code for q in check_folder(bad).problems if q.severity == "error"] == ["norm_before_residual"]
+    with pytest.raises(UsageError, match="norm_before_residual") as e:
+        plan(ServeConfig(target=str(tiny_target), draft=str(bad), engine="vllm"))
+    assert str(bad / "config.json") in str(e.value)
+    # a `vllm` on PATH that leaves a mark if anything starts it
+    marker = tmp_path / "engine-started"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "vllm").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    (tmp_path / "bin" / "vllm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    monkeypatch.delenv("EAGLE_ENGINE_PYTHON", raising=False)
+    for extra in ([], ["--bench"], ["--print-only"]):
+        capsys.readouterr()
+        rc = main(["serve", "--engine", "vllm", "--target", str(tiny_target), "--draft", str(bad), *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, (extra, err)
+        assert len(err.splitlines()) == 1 and str(bad / "config.json") in err
+        assert "norm_before_residual" in err, err
+    assert not marker.exists()
+    # the export as written (false) plans fine
+    assert plan(ServeConfig(target=str(tiny_target), draft=str(good), engine="vllm")).draft.kind == "speculators"
+    # a third party's speculator (no eagle_export.json) may be trained that way: served as it says
+    third = tmp_path / "third"
+    shutil.copytree(bad, third)
+    (third / "eagle_export.json").unlink()
+    assert plan(ServeConfig(target="T", draft=str(third), engine="vllm")).draft.kind == "speculators"

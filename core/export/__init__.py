@@ -155,6 +155,10 @@ def _export_draft(cfg: ExportConfig, events: EventSink | None = None) -> ExportR
             raise UsageError(f"{source} has problems; convert it instead of re-exporting",
                              hint=f"eagle export --from {source} --output {cfg.output_dir}")
         config, state, meta = read_export(source)
+        if report.layout == "speculators":  # config and key names of our serving format first
+            from core.export.speculators import serving_view
+
+            config, state = serving_view(config, state)
         draft_cfg = draft_config_from_serving(config, meta)
         produced_by = {"kind": "re-export", "source": str(source.resolve()),
                        "original": meta.get("produced_by")}

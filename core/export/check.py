@@ -112,7 +112,7 @@ def check_folder(path: str | os.PathLike) -> CheckReport:
                    "dtypes": sorted({dt for _, dt in shapes.values()})}
     meta = read_json_file(folder / META) if (folder / META).is_file() else {}
     if layout == "speculators":
-        report.problems += _check_speculators(cfg, shapes, small)
+        report.problems += _check_speculators(cfg, shapes, small, meta)
     else:
         report.problems += check_config(cfg)
         report.problems += check_keys(cfg, shapes)
@@ -138,7 +138,8 @@ def speculators_flat_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _check_speculators(cfg: dict[str, Any], shapes: dict, small: dict) -> list[Problem]:
+def _check_speculators(cfg: dict[str, Any], shapes: dict, small: dict,
+                       meta: dict[str, Any] | None = None) -> list[Problem]:
     P: list[Problem] = []
     kind = cfg.get("speculators_model_type")
     if kind == "peagle":
@@ -157,6 +158,13 @@ def _check_speculators(cfg: dict[str, Any], shapes: dict, small: dict) -> list[P
                          "written: vLLM's speculators reader then assumes true (residual after "
                          "hidden_norm); drafts trained with the EAGLE-3 math (false) lose accept length",
                          "write \"norm_before_residual\": false explicitly (if that is how it was trained)"))
+    elif cfg["norm_before_residual"] and meta:
+        # a third party's speculator may be trained that way (vLLM honours it); ours never are
+        P.append(Problem("norm_before_residual", "error", "norm_before_residual is true, but this "
+                         "eagle-tui export was trained with the residual taken before hidden_norm "
+                         "(false): vLLM honours the field, serves a different draft and silently "
+                         "loses accept length", "re-export it: eagle export RUN --format speculators "
+                         "--output DIR (writes false)"))
     spec = cfg.get("speculators_config") or {}
     methods = spec.get("proposal_methods") or []
     if not methods or "speculative_tokens" not in methods[0]:
@@ -172,6 +180,7 @@ def _check_speculators(cfg: dict[str, Any], shapes: dict, small: dict) -> list[P
     P += check_keys(flat, shapes, layers_prefix_ok=True)
     P += check_vocab_maps(flat, small.get("d2t"), small.get("t2d")) if isinstance(
         flat.get("vocab_size"), int) else []
+    P += check_meta(cfg, meta or {}, speculators=True)
     P.append(Problem("speculators_format", "warning", "speculators format loads in vLLM only; "
                      "SGLang needs the LlamaForCausalLMEagle3 format", CONVERT_HINT))
     return P

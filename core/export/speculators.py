@@ -117,3 +117,22 @@ def write_speculators_export(out_dir: str | os.PathLike, draft_cfg: dict[str, An
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def serving_view(config: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A speculators folder read as our serving format (flat config, `midlayer.*` keys), the inverse
+    of write_speculators_export: what re-exporting one (`eagle export SPEC_DIR`) starts from.
+    Aux layers (vLLM's top-level ids) become the eagle_config ids of our convention (id - 1)."""
+    from core.export.check import speculators_flat_config
+    from core.export.validate import normalize_key
+
+    if config.get("norm_before_residual", True):
+        raise UsageError("the speculators config sets norm_before_residual true (or leaves it unset, which "
+                         "vLLM reads as true): its residual is taken after hidden_norm, which neither "
+                         "eagle-tui's math nor the LlamaForCausalLMEagle3 format can express",
+                         hint="serve that folder with vLLM as it is")
+    flat = speculators_flat_config(config)
+    vl = config.get("eagle_aux_hidden_state_layer_ids")
+    if vl:
+        flat["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [int(i) - 1 for i in vl]}
+    return flat, {normalize_key(k): v for k, v in tensors.items()}

@@ -291,8 +291,9 @@ def check_vocab_maps(cfg: dict[str, Any], d2t: Any, t2d: Any) -> list[Problem]:
     return P
 
 
-def check_meta(cfg: dict[str, Any], meta: dict[str, Any]) -> list[Problem]:
-    """Our eagle_export.json: the engines must capture the aux layers the draft was trained on."""
+def check_meta(cfg: dict[str, Any], meta: dict[str, Any], *, speculators: bool = False) -> list[Problem]:
+    """Our eagle_export.json: the engines must capture the aux layers the draft was trained on.
+    `speculators`: a speculators config, where only vLLM's top-level ids count."""
     if not meta:
         return []
     n = (meta.get("target") or {}).get("num_hidden_layers")
@@ -305,6 +306,15 @@ def check_meta(cfg: dict[str, Any], meta: dict[str, Any]) -> list[Problem]:
         return [Problem("aux_layers_uncapturable", "error", str(e))]
     sg = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
     vl = cfg.get("eagle_aux_hidden_state_layer_ids")
+    if speculators:  # vLLM's speculators reader takes the top-level ids when non-empty
+        vl = list(vl) if vl else None
+        if vl != want["vllm"]:
+            return [Problem("aux_layers_mismatch", "error",
+                            f"the draft was trained on the outputs of target layers {aux} (N={n}) but "
+                            f"config.json makes vLLM capture the inputs of layers {vl} (expected "
+                            f"{want['vllm']}, None = engine default): it serves with other features "
+                            "and silently loses accept length", "re-export from the run")]
+        return []
     if (sg, vl) != (want["sglang"], want["vllm"]):
         return [Problem("aux_layers_mismatch", "error",
                         f"the draft was trained on the outputs of target layers {aux} (N={n}) but "
