@@ -215,6 +215,9 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
     targets = tuple(x.to(device) for x in targets)
 
     backend = resolve_backend(attention_backend, device)
+    # CPU: the head's gradients made in its forward pass (no logits recompute) where that keeps no
+    # more than a chunk of logits; CUDA keeps the recompute (memory first, matmuls are cheap there)
+    head_grads = "auto" if device.type == "cpu" else False
     attn = TTTAttention(doc, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, backend,
                         max_steps=ttt_length)
     flat_index = torch.arange(b * t, device=device).view(b, t)
@@ -262,7 +265,8 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
             local = sup_rows if rows_k is None else torch.searchsorted(rows_k, sup_rows)
             target = tuple(x[sup_rows + n] for x in targets)
             target = target[0] if len(target) == 1 else target
-            loss_sum, pred = head_soft_ce_sum(draft.norm(out_flat[local]), draft.lm_head.weight, target)
+            loss_sum, pred = head_soft_ce_sum(draft.norm(out_flat[local]), draft.lm_head.weight, target,
+                                              grads_in_forward=head_grads)
             with torch.no_grad():
                 correct = int((pred == target_argmax(target)).sum())
         else:
