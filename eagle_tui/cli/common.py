@@ -61,6 +61,12 @@ def option(model: Any, name: str, *flags: str, **kw: Any) -> Any:
     return typer.Option(default, model.flag(name), *flags, help=f.description, **kw)
 
 
+def build(model: Any, params: dict[str, Any], **overrides: Any) -> Any:
+    """`model` from a command's parameters named like its fields (the command's `locals()`), so no
+    command lists the fields twice; `overrides` replace parsed or renamed values."""
+    return model(**{**{k: v for k, v in params.items() if k in model.model_fields}, **overrides})
+
+
 ResumeOpt = typer.Option(False, "--resume", help="Continue the work found in the output directory.")
 
 
@@ -106,14 +112,6 @@ def error_line(err: Exception, argv: list[str]) -> str:
     if isinstance(err, DiskSpaceError) and err.during_run:
         return f"{err.message}; free some space, then run: {resume_command(argv)}"
     return str(err)
-
-
-ExcludeOpt = typer.Option(None, "--exclude", help="A JSONL of held-out conversations (e.g. eagle "
-                          "run's WORKDIR/heldout.jsonl): their prompts, and duplicates of them, are "
-                          "left out.")
-CheckpointOpt = typer.Option("best", "--checkpoint", help="Of a training run: best (highest held-out "
-                             "τ measured during training; the latest when none was), latest, or a "
-                             "step (step-N or N).")
 
 
 def int_list(value: Optional[str], option: str) -> Optional[list[int]]:

@@ -11,33 +11,29 @@ from eagle_tui.cli import common
 
 
 def register(app: typer.Typer) -> None:
+    from core.export import ExportConfig as C
+
     @app.command("export")
     def export(
-        source: Optional[str] = typer.Argument(None, help="Training run or checkpoint folder (or a "
-                                               "serving folder to re-export)."),
-        output: Optional[str] = typer.Option(None, "--output", "-o", help="New folder to write."),
-        fmt: str = typer.Option("sglang", "--format", help="sglang: config.json + model.safetensors "
-                                "that SGLang and vLLM both load; speculators: vLLM's speculators format."),
+        source: Optional[str] = typer.Argument(None, help=C.model_fields["source"].description),
+        output: Optional[str] = typer.Option(None, "--output", "-o", help=C.model_fields["output_dir"].description),
+        fmt: str = common.option(C, "format"),
         check: Optional[str] = typer.Option(None, "--check", help="Explain every problem of a draft "
                                             "folder (ours or a third party's); exit 1 if any error."),
         from_dir: Optional[str] = typer.Option(None, "--from", help="Convert a NeMo Automodel, SpecForge "
                                                "or speculators checkpoint into the serving format."),
-        target: Optional[str] = typer.Option(None, "--target", help="Target model (folder or hub id): "
-                                             "recorded in the export; a local folder also supplies "
-                                             "embeddings, rope_theta and the layer count to --from."),
+        target: Optional[str] = common.option(C, "target"),
         rope_theta: Optional[float] = typer.Option(None, "--rope-theta", help="--from: the rope_theta the "
                                                    "draft was trained with, when the source omits it."),
         aux_layers: Optional[str] = typer.Option(None, "--aux-layers", help="--from: the 0-based target "
                                                  "layer outputs the draft was trained on (e.g. 1,15,28), "
                                                  "when the source does not record them."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto (as trained) | float32 | bfloat16 | float16"),
-        no_embed: bool = typer.Option(False, "--no-embed", help="Leave out embed_tokens (engines share "
-                                      "the target's when the hidden sizes match)."),
-        num_spec_tokens: int = typer.Option(3, "--num-speculative-tokens", help="speculators format: "
-                                            "speculative_tokens of the proposal method."),
+        dtype: str = common.option(C, "dtype"),
+        include_embed: bool = common.option(C, "include_embed"),
+        num_spec_tokens: int = common.option(C, "num_speculative_tokens"),
         as_json: bool = typer.Option(False, "--json", help="--check: print the report as JSON."),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
-        checkpoint: str = common.CheckpointOpt,
+        checkpoint: str = common.option(C, "checkpoint"),
     ) -> None:
         """Export a draft for serving, check a draft folder, or convert another tool's checkpoint.
 
@@ -71,15 +67,15 @@ def register(app: typer.Typer) -> None:
             res = convert_checkpoint(ConvertConfig(source=from_dir, output_dir=output, target=target,
                                                    rope_theta=rope_theta, dtype=dtype,
                                                    aux_layer_ids=common.int_list(aux_layers, "--aux-layers"),
-                                                   include_embed=not no_embed), sink)
+                                                   include_embed=include_embed), sink)
             common.echo(f"converted {from_dir} ({res.source_layout}) -> {res.output_dir}")
             for f in res.fixes:
                 common.echo(f"  fixed: {f}")
             return
-        from core.export import ExportConfig, export_draft
+        from core.export import export_draft
 
-        res = export_draft(ExportConfig(source=source, output_dir=output, format=fmt, target=target,
-                                        dtype=dtype, include_embed=not no_embed,
+        res = export_draft(C(source=source, output_dir=output, format=fmt, target=target,
+                                        dtype=dtype, include_embed=include_embed,
                                         num_speculative_tokens=num_spec_tokens,
                                         checkpoint=checkpoint), sink)
         common.echo(f"exported {source} -> {res.output_dir} ({res.format} format)")

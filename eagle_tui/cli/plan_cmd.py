@@ -50,6 +50,9 @@ def render_plan(p: dict[str, Any]) -> str:
 
 
 def register(app: typer.Typer) -> None:
+    from core.cache.config import CacheSettings
+    from core.train.config import TrainSettings
+
     @app.command("plan")
     def plan(
         target: str = typer.Option(..., "--target", help="Model folder, its config.json, an `eagle cache` "
@@ -61,13 +64,15 @@ def register(app: typer.Typer) -> None:
                                                     "(default: --max-length)."),
         data: Optional[str] = typer.Option(None, "--data", help="Measure the length distribution of this "
                                            "dataset with the target's tokenizer (needs a model folder)."),
-        max_length: int = typer.Option(2048, "--max-length"),
-        draft_vocab_size: int = typer.Option(32000, "--draft-vocab-size"),
-        topk: int = typer.Option(64, "--topk"),
+        max_length: int = common.option(CacheSettings, "max_length"),
+        draft_vocab_size: int = common.option(CacheSettings, "draft_vocab_size"),
+        topk: int = common.option(CacheSettings, "topk"),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Where the cache would go "
                                              "(free disk is checked there)."),
-        batch_tokens: int = typer.Option(8192, "--batch-tokens"),
-        ttt_length: int = typer.Option(7, "--ttt-length"),
+        batch_tokens: int = typer.Option(TrainSettings.default("max_tokens_per_batch"), "--batch-tokens",
+                                         help="Tokens per batch for the GPU estimates (training's "
+                                         "--max-tokens-per-batch)."),
+        ttt_length: int = common.option(TrainSettings, "ttt_length"),
         measure: bool = typer.Option(False, "--measure", help="Time a short target warm-up for a time "
                                      "estimate (needs a model folder)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="--data: use the first N conversations."),

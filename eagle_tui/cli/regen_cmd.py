@@ -111,12 +111,12 @@ def register(app: typer.Typer) -> None:
         input_data: str = common.option(C, "input_data"),
         output_dir: str = common.option(C, "output_dir"),
         model: str = common.option(C, "model"),
-        target_server: Optional[List[str]] = common.option(C, "servers"),
+        servers: Optional[List[str]] = common.option(C, "servers"),
         launch: Optional[str] = common.option(C, "launch"),
-        device: str = common.option(C, "launch_device"),
+        launch_device: str = common.option(C, "launch_device"),
         engine_python: Optional[str] = typer.Option(None, "--engine-python", help="--launch "
                                                     + _ENGINE_PYTHON_HELP),
-        launch_timeout: float = common.option(C, "launch_ready_timeout"),
+        launch_ready_timeout: float = common.option(C, "launch_ready_timeout"),
         concurrency: int = common.option(C, "concurrency"),
         shard_size: int = common.option(C, "shard_size"),
         max_new_tokens: int = common.option(C, "max_new_tokens"),
@@ -146,15 +146,7 @@ def register(app: typer.Typer) -> None:
         """
         from core.regen import regenerate
 
-        cfg = C(
-            input_data=input_data, output_dir=output_dir, model=model,
-            servers=list(target_server or []), launch=launch, launch_device=device,
-            launch_ready_timeout=launch_timeout, split=split, messages_column=messages_column,
-            shuffle_seed=shuffle_seed, limit=limit, strict=strict, exclude=exclude, shard_size=shard_size,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            reasoning=reasoning, turns=turns, concurrency=concurrency,
-            request_timeout=request_timeout, max_retries=max_retries,
-            max_failure_rate=max_failure_rate, resume=resume, retry_failed=retry_failed)
+        cfg = common.build(C, locals(), servers=list(servers or []))
         cfg.validate()  # before anything is read, written or connected
         if engine_python and launch not in ("sglang", "vllm"):
             from core.errors import UsageError

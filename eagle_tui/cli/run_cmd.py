@@ -156,6 +156,28 @@ def register(app: typer.Typer) -> None:
 
         _run(RunConfig.load(config), _parse_steps(steps), resume, plan)
 
+    @app.command("schema")
+    def schema(
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write (default: "
+                                              "stdout)."),
+    ) -> None:
+        """Write the JSON schema of `eagle run`'s YAML file (every setting: type, default, bounds, help).
+
+        Editors use it for completion and checks, e.g. with the YAML language server:
+        `# yaml-language-server: $schema=eagle-run.schema.json` at the top of the file.
+        Exit codes: 0 ok, 1 failure.
+        """
+        from core.runconfig import RunConfig
+
+        text = json.dumps(RunConfig.json_schema(), indent=2) + "\n"
+        if output is None:
+            print(text, end="")
+            return
+        from core.manifest import write_bytes_atomic
+
+        write_bytes_atomic(output, text.encode())
+        common.echo(f"schema: {output}")
+
     @app.command("demo")
     def demo(
         quick: bool = typer.Option(False, "--quick", help="A ~2 minute version (fewer, shorter samples)."),

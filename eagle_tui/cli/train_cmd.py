@@ -56,12 +56,12 @@ def register(app: typer.Typer) -> None:
         target: Optional[str] = common.option(C, "target"),
         data: Optional[str] = common.option(C, "data"),
         cache: Optional[str] = common.option(C, "cache"),
-        split: Optional[str] = common.option(C, "data_split"),
+        data_split: Optional[str] = common.option(C, "data_split"),
         messages_column: Optional[str] = common.option(C, "messages_column"),
-        limit: Optional[int] = common.option(C, "data_limit"),
-        shuffle_seed: Optional[int] = common.option(C, "data_shuffle_seed"),
-        strict: bool = common.option(C, "data_strict"),
-        exclude: Optional[str] = common.option(C, "data_exclude"),
+        data_limit: Optional[int] = common.option(C, "data_limit"),
+        data_shuffle_seed: Optional[int] = common.option(C, "data_shuffle_seed"),
+        data_strict: bool = common.option(C, "data_strict"),
+        data_exclude: Optional[str] = common.option(C, "data_exclude"),
         val_data: Optional[str] = common.option(C, "val_data"),
         val_fraction: float = common.option(C, "val_fraction"),
         vocab: Optional[str] = common.option(C, "vocab"),
@@ -97,20 +97,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = common.option(C, "resume"),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
-        cfg = C(
-            output_dir=str(output_dir), target=target, data=data, cache=cache, data_split=split,
-            messages_column=messages_column, data_limit=limit, data_shuffle_seed=shuffle_seed,
-            data_strict=strict, data_exclude=exclude, val_data=val_data,
-            val_fraction=val_fraction, vocab=vocab, draft_vocab_size=draft_vocab_size,
-            aux_layer_ids=common.int_list(aux_layers, "--aux-layers"), max_length=max_length,
-            num_layers=num_layers, ttt_length=ttt_length, decay=decay, attention=attention,
-            head_init=head_init, freeze_head=freeze_head, init_from=init_from, lr=lr,
-            warmup_ratio=warmup_ratio, betas=_betas(betas), weight_decay=weight_decay,
-            grad_clip=grad_clip, grad_accum=grad_accum, max_tokens_per_batch=max_tokens_per_batch,
-            epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every,
-            keep_last=keep_last, eval_every=eval_every, select_data=select_data,
-            select_prompts=select_prompts, select_seconds=select_seconds, device=device, nproc=nproc, fsdp=fsdp,
-            resume=resume).validate()
+        cfg = common.build(C, locals(), output_dir=str(output_dir), betas=_betas(betas),
+                           aux_layer_ids=common.int_list(aux_layers, "--aux-layers")).validate()
         sink = common.make_sink("train")
         if nproc > 1 and not _under_torchrun():
             from core.train.spawn import run_torchrun

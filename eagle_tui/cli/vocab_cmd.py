@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("vocab")
     def vocab(
         target: str = common.option(C, "target"),
-        output: str = common.option(C, "output_dir", "-o"),
+        output_dir: str = common.option(C, "output_dir", "-o"),
         data: Optional[str] = common.option(C, "data"),
         token_freq: Optional[str] = common.option(C, "token_freq"),
         draft_vocab_size: int = common.option(C, "draft_vocab_size"),
@@ -34,10 +34,7 @@ def register(app: typer.Typer) -> None:
         """
         from core.vocab import make_vocab
 
-        cfg = C(target=target, output_dir=output, draft_vocab_size=draft_vocab_size, data=data,
-                token_freq=token_freq, max_length=max_length, split=split,
-                messages_column=messages_column, limit=limit, shuffle_seed=shuffle_seed, exclude=exclude,
-                resume=resume)
+        cfg = common.build(C, locals())
         v = make_vocab(cfg, common.make_sink("vocab"))
         common.echo(f"draft vocab {v.draft_vocab_size} of {v.target_vocab_size} ids, coverage "
-                    f"{v.coverage:.2%} of {int(v.counts.sum())} supervised tokens -> {output}")
+                    f"{v.coverage:.2%} of {int(v.counts.sum())} supervised tokens -> {output_dir}")

@@ -137,10 +137,8 @@ def _serve_command(serve: Any, cfg: Any, engine: str) -> str:
         from core.assets import DEMO_TARGET_NAME, cache_dir
 
         target = str(cache_dir() / "models" / DEMO_TARGET_NAME)
-    s = cfg.serve
-    sc = serve.ServeConfig(target=target, draft=str(cfg.step_output_dir("export").absolute()), engine=engine,
-                           num_steps=s.num_steps, topk=s.topk, num_draft_tokens=s.num_draft_tokens,
-                           tp_size=s.tp_size, host=s.host, port=s.port).validate()
+    sc = serve.ServeConfig(**{**serve.ServeSettings.knobs(cfg.serve), "engine": engine}, target=target,
+                           draft=str(cfg.step_output_dir("export").absolute())).validate()
     import shlex
     import sys
 
