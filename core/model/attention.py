@@ -275,6 +275,7 @@ class TTTAttention:
         self.max_steps = max_steps
         self.padded = bucket_length(t) if self.backend == "flex" else t
         self._padded_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._fused_kv: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     # ---- masks, built once per batch -----------------------------------------------------------
     def bool_mask(self) -> torch.Tensor:
@@ -330,21 +331,29 @@ class TTTAttention:
         return out
 
     def _sdpa(self, q, ks, vs):
-        lay = self.layout
+        # Each step's keys/values enter the fused layout once per layer (regrouped per document,
+        # step 0 also repeated for GQA and made contiguous) and are reused by every later step.
+        lay, prepared = self.layout, self._fused_kv.setdefault(id(ks), ([], []))
+        for j in range(len(prepared[0]), len(ks)):
+            k, v = (ks[j], vs[j]) if lay is None else (lay.to(ks[j]), lay.to(vs[j]))
+            if j == 0:
+                k, v = repeat_kv(k, self.groups).contiguous(), repeat_kv(v, self.groups).contiguous()
+            else:
+                k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+            prepared[0].append(k)
+            prepared[1].append(v)
         if lay is not None:  # one document per row, causal without a mask, then back
-            return lay.back(self._fused(lay.to(q), [lay.to(k) for k in ks], [lay.to(v) for v in vs], True))
-        return self._fused(q, ks, vs, self.plain_causal)
+            return lay.back(self._fused(lay.to(q), *prepared, True))
+        return self._fused(q, *prepared, self.plain_causal)
 
     def _fused(self, q, ks, vs, plain_causal: bool):
-        k0, v0 = repeat_kv(ks[0], self.groups), repeat_kv(vs[0], self.groups)
+        """ks/vs: prepared by _sdpa (heads repeated, step 0 contiguous)."""
         kd = vd = None
         if len(ks) > 1:
-            kd = torch.stack([repeat_kv(k, self.groups) for k in ks[1:]])
-            vd = torch.stack([repeat_kv(v, self.groups) for v in vs[1:]])
+            kd, vd = torch.stack(ks[1:]), torch.stack(vs[1:])
         # is_causal stays on with a document mask too: the kernel then skips blocks above the diagonal
         mask = None if plain_causal else self.float_mask(q.dtype)
-        return _CausalPlusDiagonal.apply(q.contiguous(), k0.contiguous(), v0.contiguous(), kd, vd, mask,
-                                         True, self.scale)
+        return _CausalPlusDiagonal.apply(q.contiguous(), ks[0], vs[0], kd, vd, mask, True, self.scale)
 
     def _flex(self, q, ks, vs):
         steps, pad = len(ks), self.padded - self.T
