@@ -6,10 +6,12 @@ heavy (torch, transformers, datasets) is imported inside the command body so `--
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional, get_args, get_origin
 
 import typer
 
@@ -61,10 +63,43 @@ def option(model: Any, name: str, *flags: str, **kw: Any) -> Any:
     return typer.Option(default, model.flag(name), *flags, help=f.description, **kw)
 
 
-def build(model: Any, params: dict[str, Any], **overrides: Any) -> Any:
-    """`model` from a command's parameters named like its fields (the command's `locals()`), so no
-    command lists the fields twice; `overrides` replace parsed or renamed values."""
-    return model(**{**{k: v for k, v in params.items() if k in model.model_fields}, **overrides})
+def _cli_type(f: Any) -> Any:
+    """The Typer type of a model field: lists are comma-separated text (str lists: a repeated option),
+    choices are text (the model refuses others, naming the option)."""
+    ann, args = f.annotation, [a for a in get_args(f.annotation) if a is not type(None)]
+    optional = type(None) in get_args(ann) or (not f.is_required() and f.default is None)
+    base = args[0] if len(args) == 1 and type(None) in get_args(ann) else ann
+    if get_origin(base) is list and get_args(base) == (str,):
+        return Optional[List[str]]
+    t = base if base in (int, float, bool, str) else str
+    return Optional[t] if optional else t
+
+
+def options(model: Any, exclude: tuple[str, ...] = (), aliases: dict[str, tuple[str, ...]] | None = None):
+    """Decorator: the command takes every field of `model` (but `exclude`) as an option built by
+    `option()`, handed to it as one dict `settings` (the model's own fields first, then inherited
+ones, then the command's own parameters)."""
+    aliases = aliases or {}
+    first = [n for n in vars(model).get("__annotations__", {}) if n in model.model_fields]  # its own
+    names = [n for n in [*first, *model.model_fields] if n not in exclude]
+    names = list(dict.fromkeys(names))
+
+    def deco(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()
+               if p.name != "settings"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=_cli_type(model.model_fields[n]),
+                                   default=option(model, n, *aliases.get(n, ()))) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> Any:
+            return fn(settings={n: kw.pop(n) for n in names}, **kw)
+
+        command.__signature__ = sig.replace(parameters=added + own)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in added + own}
+        return command
+
+    return deco
 
 
 ResumeOpt = typer.Option(False, "--resume", help="Continue the work found in the output directory.")

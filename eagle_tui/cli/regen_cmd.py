@@ -107,36 +107,13 @@ def register(app: typer.Typer) -> None:
     from core.regen.config import RegenConfig as C
 
     @app.command("regen")
+    @common.options(C, exclude=("launch_args", "backoff_base", "backoff_max", "dead_after",
+                                "min_attempts_for_rate", "journal_sync_s"))
     def regen(
-        input_data: str = common.option(C, "input_data"),
-        output_dir: str = common.option(C, "output_dir"),
-        model: str = common.option(C, "model"),
-        servers: Optional[List[str]] = common.option(C, "servers"),
-        launch: Optional[str] = common.option(C, "launch"),
-        launch_device: str = common.option(C, "launch_device"),
+        settings: dict,
         engine_python: Optional[str] = typer.Option(None, "--engine-python", help="--launch "
                                                     + _ENGINE_PYTHON_HELP),
-        launch_ready_timeout: float = common.option(C, "launch_ready_timeout"),
-        concurrency: int = common.option(C, "concurrency"),
-        shard_size: int = common.option(C, "shard_size"),
-        max_new_tokens: int = common.option(C, "max_new_tokens"),
-        temperature: float = common.option(C, "temperature"),
-        top_p: float = common.option(C, "top_p"),
-        seed: Optional[int] = common.option(C, "seed"),
-        request_timeout: float = common.option(C, "request_timeout"),
-        max_retries: int = common.option(C, "max_retries"),
-        reasoning: str = common.option(C, "reasoning"),
-        turns: str = common.option(C, "turns"),
-        max_failure_rate: float = common.option(C, "max_failure_rate"),
-        split: Optional[str] = common.option(C, "split"),
-        messages_column: Optional[str] = common.option(C, "messages_column"),
-        shuffle_seed: Optional[int] = common.option(C, "shuffle_seed"),
-        limit: Optional[int] = common.option(C, "limit"),
-        strict: bool = common.option(C, "strict"),
-        exclude: Optional[str] = common.option(C, "exclude"),
-        resume: bool = common.option(C, "resume"),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
-        retry_failed: bool = common.option(C, "retry_failed"),
     ) -> None:
         """Regenerate the assistant turns of a chat dataset with the target model.
 
@@ -146,9 +123,9 @@ def register(app: typer.Typer) -> None:
         """
         from core.regen import regenerate
 
-        cfg = common.build(C, locals(), servers=list(servers or []))
+        cfg = C(**{**settings, "servers": list(settings["servers"] or [])})
         cfg.validate()  # before anything is read, written or connected
-        if engine_python and launch not in ("sglang", "vllm"):
+        if engine_python and cfg.launch not in ("sglang", "vllm"):
             from core.errors import UsageError
 
             raise UsageError("--engine-python needs --launch sglang or --launch vllm")

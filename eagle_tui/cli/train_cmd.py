@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Optional
-
 import typer
 
 from eagle_tui.cli import common
@@ -51,54 +48,12 @@ def register(app: typer.Typer) -> None:
     from core.train.config import TrainConfig as C
 
     @app.command("train", help=HELP)
-    def train(
-        output_dir: Path = common.option(C, "output_dir", "--output", "-o"),
-        target: Optional[str] = common.option(C, "target"),
-        data: Optional[str] = common.option(C, "data"),
-        cache: Optional[str] = common.option(C, "cache"),
-        data_split: Optional[str] = common.option(C, "data_split"),
-        messages_column: Optional[str] = common.option(C, "messages_column"),
-        data_limit: Optional[int] = common.option(C, "data_limit"),
-        data_shuffle_seed: Optional[int] = common.option(C, "data_shuffle_seed"),
-        data_strict: bool = common.option(C, "data_strict"),
-        data_exclude: Optional[str] = common.option(C, "data_exclude"),
-        val_data: Optional[str] = common.option(C, "val_data"),
-        val_fraction: float = common.option(C, "val_fraction"),
-        vocab: Optional[str] = common.option(C, "vocab"),
-        draft_vocab_size: Optional[int] = common.option(C, "draft_vocab_size"),
-        aux_layers: Optional[str] = common.option(C, "aux_layer_ids"),
-        max_length: int = common.option(C, "max_length"),
-        num_layers: int = common.option(C, "num_layers"),
-        ttt_length: int = common.option(C, "ttt_length"),
-        decay: float = common.option(C, "decay"),
-        attention: str = common.option(C, "attention"),
-        head_init: str = common.option(C, "head_init"),
-        freeze_head: bool = common.option(C, "freeze_head"),
-        init_from: Optional[str] = common.option(C, "init_from"),
-        lr: float = common.option(C, "lr"),
-        warmup_ratio: float = common.option(C, "warmup_ratio"),
-        betas: str = common.option(C, "betas"),
-        weight_decay: float = common.option(C, "weight_decay"),
-        grad_clip: float = common.option(C, "grad_clip"),
-        grad_accum: int = common.option(C, "grad_accum"),
-        max_tokens_per_batch: int = common.option(C, "max_tokens_per_batch"),
-        epochs: int = common.option(C, "epochs"),
-        max_steps: Optional[int] = common.option(C, "max_steps"),
-        seed: int = common.option(C, "seed"),
-        save_every: int = common.option(C, "save_every"),
-        keep_last: int = common.option(C, "keep_last"),
-        eval_every: Optional[int] = common.option(C, "eval_every"),
-        select_data: Optional[str] = common.option(C, "select_data"),
-        select_prompts: int = common.option(C, "select_prompts"),
-        select_seconds: float = common.option(C, "select_seconds"),
-        device: str = common.option(C, "device"),
-        nproc: int = common.option(C, "nproc"),
-        fsdp: bool = common.option(C, "fsdp"),
-        resume: bool = common.option(C, "resume"),
-        ignore_disk_check: bool = common.IgnoreDiskOpt,
-    ) -> None:
-        cfg = common.build(C, locals(), output_dir=str(output_dir), betas=_betas(betas),
-                           aux_layer_ids=common.int_list(aux_layers, "--aux-layers")).validate()
+    @common.options(C, exclude=("select_draft_tokens", "select_max_new_tokens", "log_every", "tensorboard",
+                                "extra"), aliases={"output_dir": ("--output", "-o")})
+    def train(settings: dict, ignore_disk_check: bool = common.IgnoreDiskOpt) -> None:
+        cfg = C(**{**settings, "betas": _betas(settings["betas"]),
+                   "aux_layer_ids": common.int_list(settings["aux_layer_ids"], "--aux-layers")}).validate()
+        nproc = cfg.nproc
         sink = common.make_sink("train")
         if nproc > 1 and not _under_torchrun():
             from core.train.spawn import run_torchrun
