@@ -30,7 +30,8 @@ from core.train import checkpoint as ckpt
 from core.train import distributed as D
 from core.train.interrupt import StopSignals
 from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
-from core.train.data import BatchPlan, OfflineSource, prefetch_loader, to_device
+from core.train.data import BatchPlan, OfflineSource, OnlineSource, prefetch_loader, to_device
+from core.train.overlap import OverlappedBatches, overlap_wanted
 from core.train.inputs import STAGE, build_draft, check_fingerprint, load_offline, load_online
 from core.train.metrics import MetricAccumulator, MetricsLog
 
@@ -240,6 +241,8 @@ class _Trainer:
         for j, mb in enumerate(plan.micro_batches):
             if self.prefetch is not None:  # the same micro-batch `mb`, read ahead by worker processes
                 batch = to_device(next(self.prefetch), env.device)
+            elif self.overlap is not None:  # the same micro-batch, its target forward run ahead
+                batch = self.overlap.get(step, j, mb)
             else:
                 batch = self.inputs.train.batch(mb, env.device)
             with D.no_sync(self.root, j == n - 1), self.autocast:
@@ -257,6 +260,8 @@ class _Trainer:
     def _validate(self) -> dict[str, float] | None:
         if self.val_plan is None:
             return None
+        if getattr(self, "overlap", None) is not None:
+            self.overlap.drain()  # the validation source shares the target (and its hooks)
         env = self.env
         micro = self.val_plan.epoch_micro_batches(0)
         need = math.ceil(len(micro) / env.world_size)
@@ -297,14 +302,9 @@ class _Trainer:
     def run(self) -> TrainResult:
         t_start = time.monotonic()
         self._setup()
-        cfg = self.cfg
         val_first = val_last = None
         if self.start_step == 0:
             val_first = val_last = self._log_val(0)
-        tokens = 0
-        train_time = 0.0
-        m: dict[str, float] = {}
-        last_ckpt = None
         self.stop.deferred = True  # from here on a signal stops at the next step boundary
         self.prefetch = None
         if self.env.device.type == "cuda" and isinstance(self.inputs.train, OfflineSource):
@@ -312,6 +312,23 @@ class _Trainer:
             # online sources run the target in-process, and on CPU workers would only steal cores
             self.prefetch = iter(prefetch_loader(self.inputs.train, self.plan, self.start_step, self.total,
                                                  workers=2, pin_memory=True))
+        self.overlap = None
+        if isinstance(self.inputs.train, OnlineSource) and overlap_wanted(self.env.device):
+            # the target forward of the next micro-batch runs while the draft trains on this one
+            self.overlap = OverlappedBatches(self.inputs.train, self.plan, self.start_step, self.total,
+                                             self.env.device)
+        try:
+            return self._steps(t_start, val_first, val_last)
+        finally:
+            if self.overlap is not None:
+                self.overlap.close()
+
+    def _steps(self, t_start: float, val_first, val_last) -> TrainResult:
+        cfg = self.cfg
+        tokens = 0
+        train_time = 0.0
+        m: dict[str, float] = {}
+        last_ckpt = None
         for step in range(self.start_step, self.total):
             t0 = time.monotonic()
             m = self._train_step(step)
