@@ -1,7 +1,9 @@
 """What each training option does to held-out τ on the demo's data (issue 10, "a recipe for little data").
 
     .venv/bin/python bench/recipe.py --workdir eagle-demo/full [--variants baseline,head-target,...]
+                                     [--select-seconds 600]
 
+A variant may combine options with "+": `head-target-frozen+lr-1e-3`.
 Reads a finished (or at least cached) `eagle demo` / `eagle run` workdir: its YAML, its offline
 cache and its heldout.jsonl. Every variant trains a fresh draft from the same cache with the
 pipeline's own settings (core.pipeline.train_config) plus the variant's overrides, chooses its
@@ -31,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head-target-frozen": {"head_init": "target", "freeze_head": True},
     "lr-1e-3": {"lr": 1e-3},
     "lr-2e-4": {"lr": 2e-4},
+    "lr-2e-3": {"lr": 2e-3},
     "epochs-20": {"epochs": 20},
     "epochs-5": {"epochs": 5},
     "ttt-5": {"ttt_length": 5},
@@ -84,6 +87,9 @@ def main() -> None:
     ap.add_argument("--config", help="its YAML (default: the one *.yaml next to or in the workdir)")
     ap.add_argument("--variants", default="baseline,head-target,head-target-frozen,lr-1e-3,epochs-20,ttt-5,seed-1")
     ap.add_argument("--out", help="where variant runs go (default WORKDIR/recipe)")
+    ap.add_argument("--select-seconds", type=float, default=None,
+                    help="time bound of each checkpoint's held-out τ (default: the config's); raise it on a "
+                         "loaded machine so every selection prompt is decoded and the choice does not depend on load")
     a = ap.parse_args()
 
     from core.pipeline import resolve_target
@@ -98,19 +104,23 @@ def main() -> None:
         cfg.workdir = str(wd)
     if not (cfg.step_output_dir("cache") / "manifest.json").is_file() or not cfg.heldout_path().is_file():
         sys.exit(f"error: {wd} has no finished cache/ and heldout.jsonl; run the pipeline's cache step first")
-    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if a.select_seconds:
+        cfg.train.select_seconds = a.select_seconds
+    names = a.variants.split(",")
+    unknown = [p for v in names for p in v.split("+") if p not in VARIANTS]
     if unknown:
         sys.exit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     target = resolve_target(cfg.target.model)
     out = Path(a.out) if a.out else wd / "recipe"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in a.variants.split(","):
+    for name in names:
         done = out / f"{name}.json"
         if done.is_file():  # resumable: a finished variant is not trained again
             rows.append(json.loads(done.read_text()))
         else:
-            rows.append(run_variant(name, VARIANTS[name], cfg, target, out))
+            overrides = {k: v for part in name.split("+") for k, v in VARIANTS[part].items()}
+            rows.append(run_variant(name, overrides, cfg, target, out))
             done.write_text(json.dumps(rows[-1]))
         r = rows[-1]
         print(f"{r['variant']:<20} τ {r['tau']:.3f}  per position {' / '.join(f'{x:.2f}' for x in r['accept_rate'])}"

@@ -142,7 +142,7 @@ def load_eval_report(cfg: BenchConfig) -> dict[str, Any] | None:
     cfg.max_new_tokens, cfg.max_prompt_tokens = int(st["max_new_tokens"]), int(st["max_prompt_tokens"])
     return {"report": cfg.eval_report, "tau": summ.get("tau"), "accept_rate": summ.get("accept_rate"),
             "split": st.get("split"), "messages_column": st.get("messages_column"),
-            "num_prompts": rep.get("num_prompts")}
+            "num_prompts": rep.get("num_prompts"), "verify_steps": summ.get("verify_steps")}
 
 
 def prompt_ids(cfg: BenchConfig, events: EventSink, ev: dict[str, Any] | None) -> tuple[list[list[int]], str]:
@@ -284,6 +284,13 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
         diff = (tau - ev["tau"]) if tau is not None and ev.get("tau") is not None else None
         report["eval"] = {**ev, "tau_diff": diff, "tau_tolerance": cfg.tau_tolerance}
         report["agrees_with_eval"] = diff is not None and abs(diff) <= cfg.tau_tolerance
+        # Stricter than τ: the same verifications and acceptances per position. Exact on CPU fp32 (the
+        # demo and tests/test_engine_exports.py); bf16 GPU kernels may differ by a few, so only reported.
+        counters = spec.get("counters")
+        if counters and ev.get("verify_steps") and ev.get("accept_rate"):
+            eval_pos = [round(r * ev["verify_steps"]) for r in ev["accept_rate"]]
+            report["counts_equal"] = (counters["drafts"] == ev["verify_steps"]
+                                      and counters["accepted_per_pos"] == eval_pos)
         if not report["agrees_with_eval"]:
             events(Log(stage=STAGE, level="error", message=f"engine τ {tau} vs eagle eval τ {ev.get('tau')}: "
                        f"beyond ±{cfg.tau_tolerance}: the engine does not load the draft as trained "
@@ -294,5 +301,6 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
     if cfg.output:
         write_json_atomic(cfg.output, report)
     events(StageFinished(stage=STAGE, summary={k: report.get(k) for k in (
-        "accept_length", "per_position_accept_rate", "speedup", "outputs_equal", "agrees_with_eval")}))
+        "accept_length", "per_position_accept_rate", "speedup", "outputs_equal", "agrees_with_eval",
+        "counts_equal")}))
     return report

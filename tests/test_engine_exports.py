@@ -137,6 +137,7 @@ def test_each_export_format_counts_in_vllm_what_eval_counts(trained, fmt, tmp_pa
     assert rep["device"] == "cpu" and rep["baseline"] is None and rep["num_prompts"] == 4
     assert {k: counters[k] for k in want} == want, (fmt, counters, want)
     assert rep["accept_length"] == pytest.approx(report["summary"]["tau"]) and rep["agrees_with_eval"]
+    assert rep["counts_equal"] is True  # what --bench reports from the same comparison
 
 
 @pytest.mark.parametrize("name", list(WRONG))
@@ -163,6 +164,7 @@ def test_a_wrong_export_is_caught_by_the_engine_counts(trained, name, tmp_path):
     print(f"\nengine exports: {json.dumps(MEASURED)}")
     want = eval_counts(report)
     assert {k: counters[k] for k in want} != want, (name, counters)
+    assert rep["counts_equal"] is False  # --bench reports it even where τ stays inside its tolerance
     if name == "aux_off_by_one":
         tau, eval_tau = rep["accept_length"], report["summary"]["tau"]
         assert rep["agrees_with_eval"] is False
