@@ -49,8 +49,8 @@ def target_argmax(target) -> torch.Tensor:
 
 def _dot_target(z: torch.Tensor, target, a: int, b: int) -> torch.Tensor:
     """sum_v p_v z_v per row of chunk [a, b)."""
-    if isinstance(target, torch.Tensor):
-        return (target[a:b].to(z.dtype) * z).sum(-1)
+    if isinstance(target, torch.Tensor):  # row-wise dot products as one batched matmul: no [n, Vd] temporary
+        return torch.bmm(z.unsqueeze(1), target[a:b].to(z.dtype).unsqueeze(2)).view(-1)
     ids, probs = target
     return (z.gather(1, ids[a:b].long()) * probs[a:b].to(z.dtype)).sum(-1)
 

@@ -263,7 +263,7 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
         count = int(sup_rows.numel())
         if count:
             local = sup_rows if rows_k is None else torch.searchsorted(rows_k, sup_rows)
-            target = tuple(x[sup_rows + n] for x in targets)
+            target = tuple(x.index_select(0, sup_rows + n) for x in targets)  # row copies, not x[idx]
             target = target[0] if len(target) == 1 else target
             loss_sum, pred = head_soft_ce_sum(draft.norm(out_flat[local]), draft.lm_head.weight, target,
                                               grads_in_forward=head_grads)
