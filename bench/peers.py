@@ -207,7 +207,8 @@ def write_peer_features(path: Path, docs: Sequence[dict], t2d: Any, d2t: Any) ->
 def speculators_step_speed(docs: Sequence[dict], t2d: Any, d2t: Any, *, target: str | os.PathLike,
                            docs_per_step: int = 4, ttt_steps: int = 3, lr: float = 1e-4,
                            steps: int | None = None, warmup: int = 1, threads: int = 2,
-                           timeout: float = 1800, log=print) -> dict[str, Any]:
+                           timeout: float = 1800, log=print,
+                           features: Path | None = None) -> dict[str, Any]:
     """Time speculators' real training step (their Eagle3DraftModel, their alignment and packing
     with document ids, their kl_div loss; AdamW, grad clip 0.5) on `docs`: `docs_per_step`
     consecutive documents packed into one row per step (no attention across documents; the
@@ -221,11 +222,13 @@ def speculators_step_speed(docs: Sequence[dict], t2d: Any, d2t: Any, *, target: 
     drops one per document). Returns tokens_per_s, tokens, seconds, peak_rss_mb (VmHWM of the peer
     process, reset just before the timed steps; it holds only the current step's documents),
     rss_before_mb, losses. Runs in its own process, so timings are not interleaved with ours:
-    compare medians of repeated runs on a busy machine.
+    compare medians of repeated runs on a busy machine. `features`: a file write_peer_features
+    already wrote for these docs (repeated runs skip writing it again).
     """
     with tempfile.TemporaryDirectory(prefix="peer-speed-") as tmp:
-        feats = Path(tmp) / "features.safetensors"
-        write_peer_features(feats, docs, t2d, d2t)
+        feats = Path(features) if features is not None else Path(tmp) / "features.safetensors"
+        if features is None:
+            write_peer_features(feats, docs, t2d, d2t)
         n_groups = -(-len(docs) // docs_per_step)
         args = ["speed", "--features", feats, "--target", target, "--docs-per-step", docs_per_step,
                 "--ttt-steps", ttt_steps, "--lr", lr, "--steps", steps or n_groups,

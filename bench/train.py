@@ -1,22 +1,36 @@
-"""Draft-training throughput and peak memory on CPU: our TTT step vs a plain one, same run.
+"""Draft-training throughput and peak memory on CPU: our TTT step vs speculators 0.9.0's real step,
+and vs a plain anchor-style step, on the same documents.
 
-    .venv/bin/python bench/train.py [--samples 24] [--seq 512] [--ttt 3] [--random]
+    .venv/bin/python bench/train.py [--samples 24] [--seq 512] [--ttt 3] [--rounds 3] [--no-plain] [--random]
 
-Ours: the step's documents packed into one row as core.train does (no attention across them), target
-distributions over the draft vocab only, logits only for supervised rows, TTT steps >= 1 only on
-rows a later step supervises, the fused CPU attention
-path (core.model.ttt.ttt_forward_loss). Plain: what the anchors' training step does, written out
-below: each document padded to the longest in the batch, full-vocabulary target logits restricted
-to the draft vocab inside every TTT step, logits for every position, the explicit full mask over
-the concatenated keys of all steps. Both take an AdamW step on the same draft weights. Both see the
-same documents per step and must give the same loss (asserted). Tokens/s: both in this process,
-step by step in alternating order, so a change of machine load hits both alike. Peak RSS: each
-implementation again in its own subprocess (VmHWM, reset just before its training steps, with
-only the documents those steps use loaded).
+Ours vs speculators 0.9.0 (the number issue 13 asks for): each implementation trains the same
+steps (--docs-per-step documents packed into one row per step, assistant-only supervision, the same
+groups in the same order) in a subprocess of its own: speculators' real model class, alignment,
+packing and kl_div loss in its pinned venv (bench/peers.py installs it once, about 1.4 GB), ours
+through core.model.ttt with the same AdamW and clipping. One untimed warm-up step each, then the
+timed steps; reading and collating a step's documents stay outside the clock on both sides, and
+each process holds only the current step's documents. Tokens/s and peak RSS (VmHWM reset after the
+warm-up) per run; --rounds runs of each, alternating which goes first, and the ratio of the medians.
+
+Plain (second row, in-process, skipped with --no-plain; slow): what the anchors' training step does,
+written out below: each document padded to the longest in the batch, full-vocabulary target logits
+restricted to the draft vocab inside every TTT step, logits for every position, the explicit full
+mask over the concatenated keys of all steps. Same documents per step and the same loss (asserted).
 
 Features: real SmolLM2-135M-Instruct features of demo ShareGPT conversations (core.assets,
 core.features) when available, else random tensors of the same shapes (--random, or as a fallback;
-the output says which).
+the output says which). They are computed once and kept in <repo>/.cache/eagle/bench/.
+
+For a clean number: a quiet machine (nothing else running: check `uptime`), --threads 2 (the
+default: min(2, cores)), `--rounds 5 --no-plain`; the last line is JSON with every run. The
+machine's load average before and after is printed with the result: a loaded machine mostly
+measures the scheduler.
+
+Our worker runs the step as `eagle train` does on CPU: the automatic CPU choices of core.model (head
+gradients made in the forward pass, the fused attention path) and core.train.cpualloc's malloc
+settings (large freed blocks kept for reuse). EAGLE_CPU_MALLOC=0 measures ours without the latter;
+--peer-malloc gives speculators' process the same settings, so the ratio then shows what our step
+itself gains.
 """
 
 from __future__ import annotations
@@ -323,20 +337,32 @@ def time_interleaved(feats: dict, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=24)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--ttt", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=24, help="documents (default 24: 6 steps of 4)")
+    p.add_argument("--seq", type=int, default=512, help="longest document, tokens")
+    p.add_argument("--ttt", type=int, default=3, help="TTT unroll length")
     p.add_argument("--draft-vocab", type=int, default=8192)
-    p.add_argument("--docs-per-step", type=int, default=4)
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--mem-steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
-    p.add_argument("--random", action="store_true")
-    p.add_argument("--worker", choices=["ours", "plain"])
-    p.add_argument("--features")
+    p.add_argument("--docs-per-step", type=int, default=4, help="documents packed into one step's row")
+    p.add_argument("--repeat", type=int, default=1, help="passes over the documents per timed run")
+    p.add_argument("--mem-steps", type=int, default=2, help="plain row: steps of its peak-RSS subprocesses")
+    p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                   help="torch threads for every implementation (default: min(2, cores))")
+    p.add_argument("--random", action="store_true", help="random features of SmolLM2 shapes instead of real ones")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="ours vs speculators: subprocess runs of each, alternating (medians are compared)")
+    p.add_argument("--no-plain", action="store_true", help="skip the in-process plain anchor-style row (slow)")
     p.add_argument("--no-peer", action="store_true", help="skip speculators 0.9.0's step (its own venv)")
+    p.add_argument("--json", help="also write the result (every run) to this file")
+    p.add_argument("--peer-malloc", action="store_true",
+                   help="give speculators' process the malloc settings our CPU training uses "
+                        "(core.train.cpualloc, via GLIBC_TUNABLES): isolates what our step itself gains")
+    p.add_argument("--worker", choices=["ours", "plain", "ours-speed"], help=argparse.SUPPRESS)
+    p.add_argument("--features", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker == "ours-speed":
+        return speed_worker(args)
     if args.worker:
         return memory_worker(args)
 
@@ -359,6 +385,19 @@ def main() -> None:
     print(f"step: {args.docs_per_step} documents, sequence {args.seq}, TTT {args.ttt}, "
           f"draft vocab {args.draft_vocab}, V {feats['t2d'].numel()}, threads {args.threads}")
 
+    result: dict = {"features": source, "threads": args.threads, "seq": args.seq, "ttt": args.ttt,
+                    "draft_vocab": args.draft_vocab, "docs_per_step": args.docs_per_step}
+    if not args.no_peer:
+        result["vs_speculators"] = peer_rounds(args, feats, docs, cache, tag)
+    if not args.no_plain:
+        result["vs_plain"] = plain_row(args, feats, docs, features)
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def plain_row(args, feats: dict, docs: list, features: Path) -> dict:
+    """Ours vs the plain anchor-style step, in-process and interleaved step by step."""
     # equal loss and gradients on the first step, in-process
     group = [docs[i] for i in groups_of(docs, args.docs_per_step)[0]]
     a, b = new_draft(feats, args.draft_vocab), new_draft(feats, args.draft_vocab)
@@ -387,32 +426,131 @@ def main() -> None:
     print(f"ratio: {speed:.2f}x tokens/s, {mem:.2f}x peak RSS (goal >= 1.5x at <= 1.0x); "
           f"losses equal over {len(timing['ours']['losses'])} training steps "
           f"(first {timing['ours']['losses'][0]:.4f}, last {timing['ours']['losses'][-1]:.4f})")
-    if not args.no_peer:
-        peer_row(args, feats, docs, timing, memory)
+    return {"ratio_tokens_per_s": speed, "ratio_peak_rss": mem,
+            "tokens_per_s": {k: timing[k]["tokens_per_s"] for k in timing},
+            "peak_rss_mb": {k: memory[k]["peak_rss_mb"] for k in memory}}
 
 
-def peer_row(args, feats: dict, docs: list, timing: dict, memory: dict) -> None:
-    """speculators 0.9.0's real step (their model class and loss, own venv: bench/peers.py) on the
-    same documents and groups, same threads; memory the way ours is measured (first --mem-steps)."""
-    from bench.peers import PeerError, speculators_step_speed
+def write_ours_features(path: Path, feats: dict) -> None:
+    """Per-document tensors for the ours-speed worker (read lazily, a step's documents at a time)."""
+    from safetensors.torch import save_file
+
+    out = {"t2d": feats["t2d"].bool().contiguous(), "d2t": feats["d2t"].long().contiguous()}
+    for i, d in enumerate(feats["docs"]):
+        for key in ("input_ids", "aux_hidden", "target_probs", "position_mask", "loss_mask"):
+            out[f"{i}.{key}"] = d[key].contiguous()
+    save_file(out, str(path))
+
+
+def speed_worker(args) -> None:
+    """Our step the way the peer script's `speed` mode runs theirs: --warmup untimed steps, then
+    --steps timed ones (cycling over the groups), only the current step's documents in memory,
+    peak RSS (VmHWM) reset after the warm-up."""
+    import gc
+
+    from safetensors import safe_open
+
+    torch.set_num_threads(args.threads)
+    from core.train.cpualloc import keep_freed_memory
+
+    keep_freed_memory()  # as train() does on CPU (EAGLE_CPU_MALLOC=0: not)
+    f = safe_open(args.features, framework="pt")
+    feats = {"t2d": f.get_tensor("t2d"), "d2t": f.get_tensor("d2t")}
+    n_docs = len({k.split(".")[0] for k in f.keys() if k.endswith(".input_ids")})
+    groups = groups_of(list(range(n_docs)), args.docs_per_step)
+    keys = ("input_ids", "aux_hidden", "target_probs", "position_mask", "loss_mask")
+    trainer = Trainer("ours", feats, args)
+
+    def prepared(s: int):
+        docs = [{k: f.get_tensor(f"{i}.{k}") for k in keys} for i in groups[s % len(groups)]]
+        return trainer.inputs(docs), sum(int(d["input_ids"].numel()) for d in docs)
+
+    for s in range(args.warmup):
+        trainer.step(prepared(s)[0])
+    gc.collect()
+    before = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    losses, tokens, seconds = [], 0, 0.0
+    for s in range(args.warmup, args.warmup + args.steps):
+        x, n = prepared(s)
+        t0 = time.perf_counter()
+        losses.append(trainer.step(x))
+        seconds += time.perf_counter() - t0
+        tokens += n
+        del x
+    print(json.dumps({"impl": "ours", "tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
+                      "steps": args.steps, "peak_rss_mb": _vm("VmHWM"), "rss_before_mb": before,
+                      "losses": losses, "threads": torch.get_num_threads()}))
+
+
+def run_ours_speed(args, features: Path, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "ours-speed", "--features", str(features),
+           "--seq", str(args.seq), "--ttt", str(args.ttt), "--draft-vocab", str(args.draft_vocab),
+           "--docs-per-step", str(args.docs_per_step), "--steps", str(steps), "--warmup", "1",
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"ours speed worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# core.train.cpualloc's malloc settings, as glibc tunables for a process we do not control
+PEER_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def peer_rounds(args, feats: dict, docs: list, cache: Path, tag: str) -> dict:
+    """ours vs speculators 0.9.0, --rounds subprocess runs each, alternating; medians."""
+    import statistics
+
+    from bench.peers import PeerError, speculators_step_speed, write_peer_features
     from core.assets import demo_target
 
-    try:
-        theirs = speculators_step_speed(docs, feats["t2d"], feats["d2t"], target=demo_target(),
-                                        docs_per_step=args.docs_per_step, ttt_steps=args.ttt,
-                                        steps=len(groups_of(docs, args.docs_per_step)) * args.repeat,
-                                        threads=args.threads)
-        theirs_mem = speculators_step_speed(docs[:args.docs_per_step * args.mem_steps], feats["t2d"],
-                                            feats["d2t"], target=demo_target(), docs_per_step=args.docs_per_step,
-                                            ttt_steps=args.ttt, steps=args.mem_steps, warmup=0,
-                                            threads=args.threads)
-    except PeerError as e:
-        raise SystemExit(f"error: speculators 0.9.0 could not run: {e}")
-    print(f"speculators 0.9.0: {theirs['tokens_per_s']:8.1f} tokens/s ({theirs['tokens']} tokens in "
-          f"{theirs['seconds']:.1f} s)  peak RSS {theirs_mem['peak_rss_mb']:6.0f} MB during {args.mem_steps} steps")
-    print(f"ratio vs speculators 0.9.0: {timing['ours']['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
-          f"{memory['ours']['peak_rss_mb'] / theirs_mem['peak_rss_mb']:.2f}x peak RSS (goal >= 1.5x at <= 1.0x; "
-          "their step runs in its own process, not interleaved: repeat and compare medians)")
+    ours_file, peer_file = cache / f"train-ours-{tag}.safetensors", cache / f"train-peer-{tag}.safetensors"
+    if not ours_file.exists():
+        write_ours_features(ours_file, feats)
+    if not peer_file.exists():
+        write_peer_features(peer_file, docs, feats["t2d"], feats["d2t"])
+    steps = len(groups_of(docs, args.docs_per_step)) * args.repeat
+    runs: dict[str, list[dict]] = {"ours": [], "speculators": []}
+    load_before = _load()
+    for r in range(args.rounds):
+        for impl in (("ours", "speculators") if r % 2 == 0 else ("speculators", "ours")):
+            if impl == "ours":
+                res = run_ours_speed(args, ours_file, steps)
+            else:
+                if args.peer_malloc:  # the same allocator setting for their process (glibc tunables)
+                    os.environ["GLIBC_TUNABLES"] = PEER_TUNABLES
+                try:
+                    res = speculators_step_speed(docs, feats["t2d"], feats["d2t"], target=demo_target(),
+                                                 docs_per_step=args.docs_per_step, ttt_steps=args.ttt,
+                                                 steps=steps, warmup=1, threads=args.threads,
+                                                 features=peer_file)
+                except PeerError as e:
+                    raise SystemExit(f"error: speculators 0.9.0 could not run: {e}")
+                finally:
+                    os.environ.pop("GLIBC_TUNABLES", None) if args.peer_malloc else None
+            runs[impl].append(res)
+            print(f"  round {r + 1}/{args.rounds} {impl:>11}: {res['tokens_per_s']:7.1f} tokens/s, "
+                  f"peak RSS {res['peak_rss_mb']:6.0f} MB (before {res['rss_before_mb']:.0f} MB), "
+                  f"load {_load()}", flush=True)
+    med = {impl: {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
+                  "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs)} for impl, rs in runs.items()}
+    for impl, m in med.items():
+        print(f"{impl:>17}: median {m['tokens_per_s']:8.1f} tokens/s, median peak RSS {m['peak_rss_mb']:6.0f} MB "
+              f"over {args.rounds} runs of {steps} steps")
+    speed = med["ours"]["tokens_per_s"] / med["speculators"]["tokens_per_s"]
+    mem = med["ours"]["peak_rss_mb"] / med["speculators"]["peak_rss_mb"]
+    print(f"ratio vs speculators 0.9.0: {speed:.2f}x tokens/s, {mem:.2f}x peak RSS (goal >= 1.5x at <= 1.0x; "
+          f"medians of {args.rounds} alternating runs; load average before {load_before}, after {_load()})")
+    return {"ratio_tokens_per_s": speed, "ratio_peak_rss": mem, "medians": med, "runs": runs,
+            "load_before": load_before, "load_after": _load(), "threads": args.threads}
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from core.train import checkpoint as ckpt
 from core.train import distributed as D
 from core.train.interrupt import StopSignals
 from core.train.config import TRAIN_FORMAT_VERSION, TrainConfig
+from core.train.cpualloc import keep_freed_memory
 from core.train.data import BatchPlan, OfflineSource, OnlineSource, prefetch_loader, to_device
 from core.train.overlap import OverlappedBatches, overlap_wanted
 from core.train.inputs import STAGE, build_draft, check_fingerprint, load_offline, load_online
@@ -101,6 +102,7 @@ def train(cfg: TrainConfig, events: EventSink | None = None) -> TrainResult:
         with StopSignals() as stop:
             if env.device.type == "cpu":
                 torch.use_deterministic_algorithms(True, warn_only=True)
+                keep_freed_memory()  # no page faults on every step's large tensors (core.train.cpualloc)
             sink = events if env.is_main and events is not None else NullSink()
             result = _Trainer(cfg, env, sink, stop).run()
         if stop.requested:  # during the last step or after it: the run is complete, but the
