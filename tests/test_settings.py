@@ -151,3 +151,13 @@ def test_schema_command_writes_the_run_config_schema(tmp_path):
         for field, spec in defs[name]["properties"].items():
             if "default" in spec:
                 assert spec["default"] == defaults[key][field], f"{key}.{field}"
+
+
+def test_tui_rows_take_their_bounds_from_the_model():
+    from eagle_tui.widgets.form import FieldRow, field_bounds
+
+    assert field_bounds("train.epochs", integer=True) == (1, None)
+    assert field_bounds("regen.top_p", integer=False) == (0, 1)  # (0, 1]: 0 is refused by the config
+    assert field_bounds("serve.num_draft_tokens", integer=True) == (2, None)
+    row = FieldRow("train.keep_last", "Keep checkpoints", "int")
+    assert (row.minimum, row.maximum) == (TrainConfig.model_fields["keep_last"].metadata[0].ge, None)

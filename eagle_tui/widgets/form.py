@@ -18,6 +18,31 @@ from textual.widgets import Input, Label, Select, Static, Switch
 URL_RE = re.compile(r"^https?://[^\s/]+")
 
 
+def field_bounds(path: str, integer: bool) -> tuple[float | None, float | None]:
+    """(minimum, maximum) of a RunConfig setting, read from its model in core (the one place bounds
+    live); an exclusive float bound is shown as the limit and refused by the config check."""
+    from core.runconfig import RunConfig
+
+    model: Any = RunConfig
+    info = None
+    for part in path.split("."):
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return None, None
+        model = info.annotation
+    lo = hi = None
+    for m in info.metadata:
+        if getattr(m, "ge", None) is not None:
+            lo = m.ge
+        if getattr(m, "gt", None) is not None:
+            lo = m.gt + 1 if integer else m.gt
+        if getattr(m, "le", None) is not None:
+            hi = m.le
+        if getattr(m, "lt", None) is not None:
+            hi = m.lt - 1 if integer else m.lt
+    return lo, hi
+
+
 def get_path(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -49,7 +74,8 @@ class FieldChanged(Message):
 class FieldRow(Horizontal):
     """One labelled control bound to a config path.
 
-    kind: str | optstr | int | optint | float | urls | choice | bool
+    kind: str | optstr | int | optint | float | urls | choice | bool. Number bounds come from the
+    setting's model unless given.
     """
 
     DEFAULT_CSS = """
@@ -63,6 +89,8 @@ class FieldRow(Horizontal):
                  from_cfg: Callable[[Any], Any] | None = None, id: str | None = None) -> None:
         super().__init__(id=id or "f-" + path.replace(".", "-"), classes="field")
         self.path, self.label, self.kind, self.hint = path, label, kind, hint
+        if minimum is None and maximum is None and kind in ("int", "optint", "float"):
+            minimum, maximum = field_bounds(path, integer=kind != "float")
         self.choices, self.minimum, self.maximum, self.check = choices, minimum, maximum, check
         self.placeholder = placeholder
         # optional value transforms, e.g. a "skip" switch shown for `regen.enabled` (inverted)

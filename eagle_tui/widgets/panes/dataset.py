@@ -98,11 +98,11 @@ class DatasetPane(Pane):
         yield FieldRow("dataset.split", "Split", "optstr", placeholder="all", hint="e.g. train[:1000]")
         yield FieldRow("dataset.messages_column", "Messages column", "optstr", placeholder="auto",
                        hint="found automatically when empty")
-        yield FieldRow("dataset.limit", "Limit", "optint", minimum=1, placeholder="all",
+        yield FieldRow("dataset.limit", "Limit", "optint", placeholder="all",
                        hint="use at most this many conversations")
         yield FieldRow("dataset.shuffle_seed", "Shuffle seed", "optint", placeholder="no shuffle")
         yield FieldRow("dataset.strict", "Strict", "bool", hint="stop at the first bad row")
-        yield FieldRow("dataset.heldout", "Held out", "optint", minimum=0, placeholder="selection + eval prompts",
+        yield FieldRow("dataset.heldout", "Held out", "optint", placeholder="selection + eval prompts",
                        hint="reserved before anything trains; never trained on")
         yield Static("Press Preview to read the first conversations and the bad-row report.",
                      id="preview-area", classes="preview")

@@ -29,17 +29,17 @@ class FeaturesPane(Pane):
         yield FieldRow("features.mode", "Mode", "choice", choices=[
             ("offline cache (extract once)", "offline"),
             ("online (target inside training)", "online")])
-        yield FieldRow("features.max_length", "Max sequence length", "int", minimum=8)
-        yield FieldRow("vocab.draft_vocab_size", "Draft vocabulary", "int", minimum=2,
+        yield FieldRow("features.max_length", "Max sequence length", "int")
+        yield FieldRow("vocab.draft_vocab_size", "Draft vocabulary", "int",
                        hint="most frequent target tokens the draft predicts")
         yield FieldRow("features.aux_dtype", "Hidden states stored as", "choice",
                        choices=[("fp8 (8-bit)", "fp8"), ("bf16", "bf16"), ("fp16", "fp16")])
         yield FieldRow("features.target_store", "Target distribution", "choice", choices=[
             ("top-k probabilities", "topk"), ("full draft-vocab probabilities", "probs"),
             ("final hidden state (recompute)", "hidden")])
-        yield FieldRow("features.topk", "Top-k", "int", minimum=1)
-        yield FieldRow("features.shard_size", "Shard size", "int", minimum=1, hint="samples per shard")
-        yield FieldRow("features.nproc", "Processes", "int", minimum=1)
+        yield FieldRow("features.topk", "Top-k", "int")
+        yield FieldRow("features.shard_size", "Shard size", "int", hint="samples per shard")
+        yield FieldRow("features.nproc", "Processes", "int")
         yield FieldRow("features.output_dir", "Output folder", "optstr", placeholder="WORKDIR/cache")
         yield Static(id="storage-table", classes="storage")
 

@@ -36,18 +36,18 @@ class RegenPane(Pane):
                        from_cfg=lambda v: URLS if v is None else v)
         yield FieldRow("regen.servers", "Server URLs", "urls", placeholder="http://host:30000, …",
                        hint="OpenAI-compatible base URLs, comma separated")
-        yield FieldRow("regen.concurrency", "Concurrency", "int", minimum=1, hint="requests in flight")
-        yield FieldRow("regen.max_new_tokens", "Max new tokens", "int", minimum=1)
-        yield FieldRow("regen.temperature", "Temperature", "float", minimum=0, hint="0 = greedy")
-        yield FieldRow("regen.top_p", "Top-p", "float", minimum=0.0001, maximum=1)
+        yield FieldRow("regen.concurrency", "Concurrency", "int", hint="requests in flight")
+        yield FieldRow("regen.max_new_tokens", "Max new tokens", "int")
+        yield FieldRow("regen.temperature", "Temperature", "float", hint="0 = greedy")
+        yield FieldRow("regen.top_p", "Top-p", "float")
         yield FieldRow("regen.seed", "Seed", "int")
         yield FieldRow("regen.turns", "Turns", "choice",
                        choices=[("last assistant turn", "last"), ("every assistant turn", "all")])
         yield FieldRow("regen.reasoning", "Reasoning", "choice",
                        choices=[("none", "none"), ("save", "save"), ("disable", "disable")])
-        yield FieldRow("regen.shard_size", "Shard size", "int", minimum=1, hint="conversations per shard")
-        yield FieldRow("regen.max_retries", "Max retries", "int", minimum=0)
-        yield FieldRow("regen.max_failure_rate", "Max failure rate", "float", minimum=0, maximum=1,
+        yield FieldRow("regen.shard_size", "Shard size", "int", hint="conversations per shard")
+        yield FieldRow("regen.max_retries", "Max retries", "int")
+        yield FieldRow("regen.max_failure_rate", "Max failure rate", "float",
                        hint="stop when more requests fail than this")
         yield FieldRow("regen.output_dir", "Output folder", "optstr", placeholder="WORKDIR/regen")
 

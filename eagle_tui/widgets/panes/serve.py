@@ -22,19 +22,19 @@ class ServePane(Pane):
     def compose(self) -> ComposeResult:
         yield Static("Measure the acceptance length, export, and serve", classes="pane-title")
         yield FieldRow("eval.enabled", "Evaluate", "bool", hint="speculative decoding against the target")
-        yield FieldRow("eval.num_prompts", "Prompts", "int", minimum=1)
-        yield FieldRow("eval.num_draft_tokens", "Draft tokens", "int", minimum=1,
+        yield FieldRow("eval.num_prompts", "Prompts", "int")
+        yield FieldRow("eval.num_draft_tokens", "Draft tokens", "int",
                        hint="proposed per verification step")
-        yield FieldRow("eval.max_new_tokens", "Max new tokens", "int", minimum=1)
+        yield FieldRow("eval.max_new_tokens", "Max new tokens", "int")
         yield FieldRow("export.format", "Export format", "choice", choices=[
             ("SGLang / vLLM (EAGLE-3 checkpoint)", "sglang"), ("speculators", "speculators")])
         yield FieldRow("export.output_dir", "Export folder", "optstr", placeholder="WORKDIR/export")
         yield FieldRow("serve.engine", "Serving engine", "choice", choices=[("SGLang", "sglang"), ("vLLM", "vllm")])
-        yield FieldRow("serve.num_steps", "Speculative steps", "int", minimum=1)
-        yield FieldRow("serve.topk", "Speculative top-k", "int", minimum=1)
-        yield FieldRow("serve.num_draft_tokens", "Verify tokens", "int", minimum=1,
+        yield FieldRow("serve.num_steps", "Speculative steps", "int")
+        yield FieldRow("serve.topk", "Speculative top-k", "int")
+        yield FieldRow("serve.num_draft_tokens", "Verify tokens", "int",
                        hint="with top-k 1: steps + 1")
-        yield FieldRow("serve.tp_size", "Tensor parallel", "int", minimum=1)
+        yield FieldRow("serve.tp_size", "Tensor parallel", "int")
         yield FieldRow("serve.port", "Port", "int", minimum=1, maximum=65535)
         yield FieldRow("serve.bench", "Prove in vLLM", "bool",
                        hint="after export: vLLM without / with the draft, its τ vs eval's, speedup")
