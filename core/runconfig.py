@@ -1,8 +1,11 @@
 """The whole pipeline in one YAML file: read by `eagle run`, written by `eagle demo` and the TUI.
 
-Every step's settings have defaults; each step can be skipped (no regeneration; online training
-instead of an offline cache; no evaluation). Output directories default to `workdir/<step>`.
-Unknown keys are refused with the dotted field name (a typo must not silently fall back to a default).
+Each section is derived from its stage's settings model (`core.settings.section`): the same fields,
+defaults, bounds and help as the stage's command, plus a few section-only fields (`enabled`,
+`output_dir`); `RUN_DEFAULTS` lists the only defaults that differ here. Each step can be skipped (no
+regeneration; online training instead of an offline cache; no evaluation). Output directories default
+to `workdir/<step>`. Unknown keys are refused with the dotted field name and a did-you-mean (a typo
+must not silently fall back to a default); `eagle schema` writes the JSON schema for editors.
 """
 
 from __future__ import annotations
