@@ -9,8 +9,9 @@ One source of truth, read three ways:
 - the CLI: `eagle_tui.cli.common.option(Model, "field")` builds each Typer option from the field
   (default, help, flag name), so `eagle train --help` and the YAML schema say the same thing.
 
-Errors name what the user typed: `--lr: must be > 0 (got 0.0)` for a stage config,
-`field train.lr: must be > 0 (got 0.0)` for a YAML file; both exit 2 (UsageError).
+Errors name what the user typed: `--lr: must be > 0 (got 0)` for a stage config,
+`config field train.lr: must be > 0 (got 0)` for a RunConfig (`FILE: field train.lr: ...` when read
+from a YAML file); all exit 2 (UsageError).
 """
 
 from __future__ import annotations
