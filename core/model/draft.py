@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import InputDataError, UsageError
+from core.model.compile import run_block
 from core.model.config import DraftConfig
 from core.model.rope import RotaryEmbedding, apply_rope
 from core.model.weights import read_embeddings
@@ -94,12 +95,19 @@ class DraftDecoderLayer(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        # the two dense blocks around attention may run torch.compile'd (core.model.compile)
+        q, k, v = run_block(self, "pre", self._pre_attention, embeds, hidden, cos, sin)
+        out = attend(q, k, v)  # [B, nh, T, hd]
+        return run_block(self, "post", self._post_attention, hidden, out)
+
+    def _pre_attention(self, embeds, hidden, cos, sin):
         if self.first:
             x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
         else:
             x = self.input_layernorm(hidden)
-        q, k, v = self.self_attn.qkv(x, cos, sin)
-        out = attend(q, k, v)  # [B, nh, T, hd]
+        return self.self_attn.qkv(x, cos, sin)
+
+    def _post_attention(self, hidden, out):
         b, _, t, _ = out.shape
         h = hidden + self.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return h + self.mlp(self.post_attention_layernorm(h))
