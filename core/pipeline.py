@@ -196,7 +196,7 @@ def _engine_bench(cfg: RunConfig, target: str, events: EventSink) -> dict[str, A
             "engine_tokens_per_s": (r.get("with_draft") or {}).get("tokens_per_s"),
             "engine_baseline_tokens_per_s": (r.get("baseline") or {}).get("tokens_per_s"),
             "engine_per_position": r.get("per_position_accept_rate"),
-            "engine_agrees_with_eval": r.get("agrees_with_eval")}
+            "engine_agrees_with_eval": r.get("agrees_with_eval"), "engine_counts_equal": r.get("counts_equal")}
 
 
 STEP_FUNCS = {"regen": _regen, "cache": _cache, "train": _train, "eval": _eval, "export": _export}

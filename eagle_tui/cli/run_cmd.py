@@ -124,6 +124,9 @@ def _print_summary(s: dict) -> None:
     if s.get("engine_tau") is not None:
         agree = {True: "agrees with eval", False: "DISAGREES with eval: check the export"}.get(
             s.get("engine_agrees_with_eval"), "no eval τ to compare")
+        if s.get("engine_counts_equal") is not None:
+            agree += ("; the same accepted counts per position" if s["engine_counts_equal"]
+                      else "; accepted counts per position differ from eval's")
         common.echo(f"vLLM serving the export, same prompts one at a time: τ {s['engine_tau']:.2f} ({agree}); "
                     f"speedup measured {s['engine_speedup']:.2f}x ({s['engine_tokens_per_s']:.1f} vs "
                     f"{s['engine_baseline_tokens_per_s']:.1f} tokens/s); report {s['bench_report']}")
