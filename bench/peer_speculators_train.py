@@ -161,6 +161,8 @@ def main() -> None:
     p.add_argument("--aux-layers", default="", help="their ids, comma separated (default: theirs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--decay", type=float, default=None,
+                   help="TTT step loss decay (default: theirs, 1.0; bench/train.py passes ours, 0.8)")
     p.add_argument("--log-every", type=int, default=50)
     a = p.parse_args()
 
@@ -192,7 +194,8 @@ def main() -> None:
         batch, tokens = prepared or data.batch(s, hidden)
         for g in opt.param_groups:
             g["lr"] = lr
-        _, loss, metrics = model(**batch, ttt_steps=a.ttt_steps, loss_config=loss_config)
+        decay = {} if a.decay is None else {"ttt_step_loss_decay": a.decay}
+        _, loss, metrics = model(**batch, ttt_steps=a.ttt_steps, loss_config=loss_config, **decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else math.inf)

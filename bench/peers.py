@@ -208,7 +208,7 @@ def speculators_step_speed(docs: Sequence[dict], t2d: Any, d2t: Any, *, target: 
                            docs_per_step: int = 4, ttt_steps: int = 3, lr: float = 1e-4,
                            steps: int | None = None, warmup: int = 1, threads: int = 2,
                            timeout: float = 1800, log=print,
-                           features: Path | None = None) -> dict[str, Any]:
+                           features: Path | None = None, decay: float | None = None) -> dict[str, Any]:
     """Time speculators' real training step (their Eagle3DraftModel, their alignment and packing
     with document ids, their kl_div loss; AdamW, grad clip 0.5) on `docs`: `docs_per_step`
     consecutive documents packed into one row per step (no attention across documents; the
@@ -233,6 +233,8 @@ def speculators_step_speed(docs: Sequence[dict], t2d: Any, d2t: Any, *, target: 
         args = ["speed", "--features", feats, "--target", target, "--docs-per-step", docs_per_step,
                 "--ttt-steps", ttt_steps, "--lr", lr, "--steps", steps or n_groups,
                 "--warmup", warmup, "--threads", threads]
+        if decay is not None:  # their TTT loss decay (default 1.0); their loss stays kl_div
+            args += ["--decay", decay]
         return run_peer_script(args, timeout=timeout, log=log)
 
 

@@ -6,7 +6,8 @@ and vs a plain anchor-style step, on the same documents.
 Ours vs speculators 0.9.0 (the number issue 13 asks for): each implementation trains the same
 steps (--docs-per-step documents packed into one row per step, assistant-only supervision, the same
 groups in the same order) in a subprocess of its own: speculators' real model class, alignment,
-packing and kl_div loss in its pinned venv (bench/peers.py installs it once, about 1.4 GB), ours
+packing and kl_div loss (with our TTT decay 0.8; KL and our soft cross-entropy differ by the target's
+entropy, a constant: same gradients) in its pinned venv (bench/peers.py installs it once, 1.4 GB), ours
 through core.model.ttt with the same AdamW and clipping. One untimed warm-up step each, then the
 timed steps; reading and collating a step's documents stay outside the clock on both sides, and
 each process holds only the current step's documents. Tokens/s and peak RSS (VmHWM reset after the
@@ -534,7 +535,7 @@ def peer_rounds(args, feats: dict, docs: list, cache: Path, tag: str) -> dict:
                     res = speculators_step_speed(docs, feats["t2d"], feats["d2t"], target=demo_target(),
                                                  docs_per_step=args.docs_per_step, ttt_steps=args.ttt,
                                                  steps=steps, warmup=1, threads=args.threads,
-                                                 features=peer_file)
+                                                 features=peer_file, decay=0.8)
                 except PeerError as e:
                     raise SystemExit(f"error: speculators 0.9.0 could not run: {e}")
                 finally:
