@@ -8,7 +8,8 @@ steps (--docs-per-step documents packed into one row per step, assistant-only su
 groups in the same order) in a subprocess of its own: speculators' real model class, alignment,
 packing and kl_div loss (with our TTT decay 0.8; KL and our soft cross-entropy differ by the target's
 entropy, a constant: same gradients) in its pinned venv (bench/peers.py installs it once, 1.4 GB), ours
-through core.model.ttt with the same AdamW and clipping. One untimed warm-up step each, then the
+through core.model.ttt; AdamW with the same settings and the same clipping on both sides. One
+untimed warm-up step each, then the
 timed steps; reading and collating a step's documents stay outside the clock on both sides, and
 each process holds only the current step's documents. Tokens/s and peak RSS (VmHWM reset after the
 warm-up) per run; --rounds runs of each, alternating which goes first, and the ratio of the medians.
@@ -28,10 +29,12 @@ machine's load average before and after is printed with the result: a loaded mac
 measures the scheduler.
 
 Our worker runs the step as `eagle train` does on CPU: the automatic CPU choices of core.model (head
-gradients made in the forward pass, the fused attention path) and core.train.cpualloc's malloc
-settings (large freed blocks kept for reuse). EAGLE_CPU_MALLOC=0 measures ours without the latter;
---peer-malloc gives speculators' process the same settings, so the ratio then shows what our step
-itself gains.
+gradients made in the forward pass, the fused attention path), AdamW's fused CPU kernel
+(core.train.loop.adamw_impl; speculators' script uses torch's default AdamW) and core.train.cpualloc's
+malloc settings (large freed blocks kept for reuse). EAGLE_CPU_MALLOC=0 / EAGLE_CPU_ADAMW=loop
+measure ours without those; --peer-malloc gives speculators' process the same malloc settings, so
+the ratio then shows what the step itself gains. EAGLE_COMPILE_DRAFT=1 adds torch.compile'd layer
+blocks (core.model.compile; the compile time falls in the warm-up step).
 """
 
 from __future__ import annotations
