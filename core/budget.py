@@ -35,8 +35,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.cache import layout
+from core.cache.config import CacheSettings
 from core.cache.layout import CacheDims, StorageOptions
 from core.errors import InputDataError, UsageError
+from core.settings import default_draft_vocab
+from core.train.config import TrainSettings
 
 RUNTIME_BYTES = 1 << 30
 LOGITS_CHUNK_BYTES = 64 << 20  # = core.features.LOGITS_CHUNK_BYTES (not imported: no torch here)
@@ -139,7 +142,8 @@ class CacheEstimate:
 
 
 def estimate_cache_bytes(dims: CacheDims, opts: StorageOptions, lengths: Sequence[int],
-                         shard_size: int = 256, target_vocab_size: int | None = None) -> CacheEstimate:
+                         shard_size: int = CacheSettings.default("shard_size"),
+                         target_vocab_size: int | None = None) -> CacheEstimate:
     """Bytes `eagle cache` writes for samples of these lengths (in dataset order)."""
     n = len(lengths)
     groups = layout.shard_groups(n, shard_size)
@@ -240,7 +244,7 @@ def measure_target_tokens_per_s(target: str, device: str | None = None, batch_to
 
 
 # ---- the plan --------------------------------------------------------------------------------
-DEFAULT_OPTIONS = [StorageOptions(a, t, 64, "bf16") for a in ("bf16", "fp8") for t in ("probs", "topk", "hidden")]
+DEFAULT_OPTIONS = [StorageOptions(a, t) for a in ("bf16", "fp8") for t in ("probs", "topk", "hidden")]
 
 
 @dataclass
@@ -261,12 +265,17 @@ class BudgetPlan:
 
 
 def make_plan(target: str | TargetShape, num_samples: int, mean_length: float | None = None,
-              lengths: Sequence[int] | None = None, seq_length: int = 2048, draft_vocab_size: int = 32000,
-              options: Sequence[StorageOptions] | None = None, topk: int | None = None,
-              shard_size: int = 256, output_dir: str | None = None, batch_tokens: int = 8192,
-              ttt_length: int = 7, tokens_per_s: float | None = None) -> BudgetPlan:
-    """Bytes per sample and in total for each storage option, the anchors, free disk, GPU memory, time."""
+              lengths: Sequence[int] | None = None, seq_length: int = CacheSettings.default("max_length"),
+              draft_vocab_size: int | None = None, options: Sequence[StorageOptions] | None = None,
+              topk: int | None = None, shard_size: int = CacheSettings.default("shard_size"),
+              output_dir: str | None = None, batch_tokens: int = TrainSettings.default("max_tokens_per_batch"),
+              ttt_length: int = TrainSettings.default("ttt_length"), tokens_per_s: float | None = None) -> BudgetPlan:
+    """Bytes per sample and in total for each storage option, the anchors, free disk, GPU memory, time.
+    Defaults are the stages' (cache and training settings); no draft vocab size: the stages' rule
+    (core.settings.default_draft_vocab)."""
     shape = target if isinstance(target, TargetShape) else TargetShape.resolve(target)
+    if draft_vocab_size is None:
+        draft_vocab_size = default_draft_vocab(shape.vocab_size)
     if not 1 <= draft_vocab_size <= shape.vocab_size:
         raise UsageError(f"draft vocab size {draft_vocab_size} must be in [1, {shape.vocab_size}]")
     if num_samples < 1:

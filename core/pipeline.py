@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import UsageError
 from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.runconfig import STEPS, RunConfig
-from core.settings import DataSelection
+from core.settings import DataSelection, draft_vocab
 
 STAGE = "pipeline"
 
@@ -312,7 +312,7 @@ def plan_pipeline(cfg: RunConfig, sample_size: int = 256, events: EventSink | No
                           "output_dir": str(cfg.step_output_dir("regen"))}
     f = cfg.features
     opt = StorageOptions(aux_dtype=f.aux_dtype, target_store=f.target_store, topk=f.topk)
-    vd = min(cfg.vocab.draft_vocab_size, shape.vocab_size)
+    vd = draft_vocab(cfg.vocab.draft_vocab_size, shape.vocab_size)
     bp = make_plan(shape, num_samples=n, lengths=lengths, seq_length=f.max_length, draft_vocab_size=vd,
                    options=[opt], shard_size=f.shard_size, output_dir=str(cfg.step_output_dir("cache")),
                    batch_tokens=cfg.train.max_tokens_per_batch, ttt_length=cfg.train.ttt_length)
@@ -327,7 +327,7 @@ def plan_pipeline(cfg: RunConfig, sample_size: int = 256, events: EventSink | No
                           "output_dir": str(cfg.step_output_dir("cache"))}
     draft_params = shape.draft_params(vd, cfg.train.num_layers)
     steps["train"] = {"mode": f.mode, "tokens_per_epoch": round(mean_len * n), "epochs": cfg.train.epochs,
-                      "max_steps": cfg.train.max_steps, "draft_params": draft_params,
+                      "max_steps": cfg.train.max_steps, "draft_vocab_size": vd, "draft_params": draft_params,
                       "gpu_bytes_online_step": bp.gpu["online_step"]["total"] if f.mode == "online" else None,
                       "checkpoint_bytes": draft_params * 4 * 3 * cfg.train.keep_last,
                       "output_dir": str(cfg.step_output_dir("train"))}

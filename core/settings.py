@@ -202,9 +202,36 @@ def check_aux_layers(ids: Optional[list[int]], field: str) -> None:
         raise refuse(field, f"need three distinct non-negative layer ids (got {list(ids)})")
 
 
-def draft_vocab_size_field(default: Optional[int] = 32000) -> Any:
-    return Field(default, ge=1, description="Draft vocabulary size Vd: the most frequent target ids "
-                 "under the loss mask (at most the target's vocab; 8192 suits small targets).")
+SMALL_TARGET_VOCAB = 64000  # at most this many ids: a small target, whose draft vocab is 8192
+
+
+def default_draft_vocab(target_vocab_size: int) -> int:
+    """The draft vocabulary size when none is given, the one rule every stage and estimate uses:
+    32000 (the anchors' default) for targets with more than 64000 ids, 8192 for smaller ones (their
+    supervised tokens are covered as well with fewer rows, and the head and its logits are 4x
+    smaller), never more than the target's vocabulary."""
+    return min(target_vocab_size, 32000 if target_vocab_size > SMALL_TARGET_VOCAB else 8192)
+
+
+def draft_vocab(requested: Optional[int], target_vocab_size: int) -> int:
+    """The draft vocab size a stage uses: the requested one (at most the target's vocab), else the rule."""
+    return min(requested, target_vocab_size) if requested else default_draft_vocab(target_vocab_size)
+
+
+def draft_vocab_size_field(default: Optional[int] = None) -> Any:
+    return Field(default, ge=1, description="Draft vocabulary size Vd: the most frequent target ids under "
+                 "the loss mask (default: 32000 for targets with more than 64000 ids, else 8192; at most "
+                 "the target's vocab).")
+
+
+def field_like(model: type[BaseModel], name: str, **changes: Any) -> Any:
+    """Another model's field (default, bounds, help) for a setting that means the same thing here;
+    `changes` (e.g. description=...) override parts of it."""
+    return FieldInfo.merge_field_infos(model.model_fields[name], **changes)
+
+
+def host_field() -> Any:
+    return Field("127.0.0.1", min_length=1, description="Bind address (local only by default).")
 
 
 def checkpoint_field() -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from core import budget
 from core.cache.layout import StorageOptions
+from core.settings import draft_vocab
 
 RUNTIME_CPU_BYTES = 290_000_000
 STEP_FLOATS_PER_H = 50  # floats kept per token per TTT step, in units of the hidden size (measured)
@@ -58,7 +59,7 @@ def step_budgets(cfg: Any, shape: budget.TargetShape, num_samples: int, lengths:
     lengths (a sample of the dataset is scaled up); without them every sample is at max length,
     an upper bound. `tokens_per_s`: the target's measured prefill speed, for time estimates."""
     f, t = cfg.features, cfg.train
-    vd = min(cfg.vocab.draft_vocab_size, shape.vocab_size)
+    vd = draft_vocab(cfg.vocab.draft_vocab_size, shape.vocab_size)
     plan = budget.make_plan(shape, num_samples=num_samples, lengths=lengths, seq_length=f.max_length,
                             draft_vocab_size=vd, options=[StorageOptions(f.aux_dtype, f.target_store, f.topk)],
                             shard_size=f.shard_size, batch_tokens=t.max_tokens_per_batch, ttt_length=t.ttt_length)

@@ -306,6 +306,7 @@ def make_vocab(cfg: VocabConfig, events: Any = None) -> DraftVocab:
     vocab.safetensors (d2t, t2d, selected, counts), d2t.npy, t2d.npy, vocab.json, manifest.json."""
     from core.events import NullSink, StageFinished, StageStarted
     from core.manifest import prepare_output_dir, sha256_file
+    from core.settings import default_draft_vocab
 
     events = events or NullSink()
     cfg.validate()
@@ -318,7 +319,8 @@ def make_vocab(cfg: VocabConfig, events: Any = None) -> DraftVocab:
         target_vocab_size = int(json.loads((target / "config.json").read_text())["vocab_size"])
     except (KeyError, ValueError) as e:
         raise InputDataError(f"config.json has no usable vocab_size ({e})", path=str(target)) from e
-    events(StageStarted(stage="vocab", unit="samples", settings={"draft_vocab_size": cfg.draft_vocab_size}))
+    draft_vocab_size = cfg.draft_vocab_size or default_draft_vocab(target_vocab_size)
+    events(StageStarted(stage="vocab", unit="samples", settings={"draft_vocab_size": draft_vocab_size}))
     if cfg.token_freq is not None:
         counts = load_token_counts(cfg.token_freq, target_vocab_size)
         if counts.numel() != target_vocab_size:
@@ -343,7 +345,7 @@ def make_vocab(cfg: VocabConfig, events: Any = None) -> DraftVocab:
 
         tok_fp = tokenizer_hash(load_tokenizer(str(target)))
     source["tokenizer"] = tok_fp
-    vocab = build_vocab(counts, cfg.draft_vocab_size, target_vocab_size, source=source)
+    vocab = build_vocab(counts, draft_vocab_size, target_vocab_size, source=source)
     settings = {"fingerprint": vocab.fingerprint, **{k: vocab.source.get(k) for k in FINGERPRINT_FIELDS}}
     manifest, _resumed = prepare_output_dir(cfg.output_dir, "vocab", VOCAB_FORMAT, settings, cfg.resume)
     vocab.save(cfg.output_dir, npy=True)

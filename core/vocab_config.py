@@ -19,7 +19,7 @@ class VocabConfig(DataSelection):
                         "or 'demo'.")
     output_dir: str = Field(description="Folder to write: vocab.safetensors (d2t, t2d, selected, "
                             "counts), d2t.npy, t2d.npy, vocab.json.")
-    draft_vocab_size: int = draft_vocab_size_field()
+    draft_vocab_size: Optional[int] = draft_vocab_size_field()
     data: Optional[str] = Field(None, description="Dataset: file, folder, hub name or 'demo'.")
     token_freq: Optional[str] = Field(None, description="Saved token counts instead of a dataset: "
                                       ".safetensors ('counts'), .npy [V], or .json (list, or {id: count}).")

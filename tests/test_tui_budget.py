@@ -8,6 +8,7 @@ from pathlib import Path
 from core import budget
 from core.cache.layout import CacheDims, StorageOptions
 from core.runconfig import RunConfig
+from core.settings import default_draft_vocab
 from eagle_tui.screens.dialogs import BudgetWarningScreen
 from eagle_tui.screens.wizard import WizardScreen
 from eagle_tui.sysinfo import GpuInfo
@@ -46,7 +47,8 @@ def test_cache_estimate_is_core_budget_arithmetic(tmp_path):
     cfg.features.aux_dtype, cfg.features.target_store, cfg.features.topk = "bf16", "topk", 16
     cache = next(b for b in estimates.step_budgets(cfg, 0) if b.step == "cache")
     shape = budget.TargetShape(name="s", **budget.PRESETS["smollm2-135m"])
-    expected = budget.estimate_cache_bytes(CacheDims(shape.hidden_size, 32000), StorageOptions("bf16", "topk", 16),
+    vd = default_draft_vocab(shape.vocab_size)  # no draft vocab size set: the stages' rule (8192 here)
+    expected = budget.estimate_cache_bytes(CacheDims(shape.hidden_size, vd), StorageOptions("bf16", "topk", 16),
                                            [512] * 300, 256, shape.vocab_size)
     assert cache.disk_bytes == expected.total_bytes
     rows = estimates.storage_options(cfg)

@@ -51,15 +51,19 @@ def target_fingerprint(path: Path) -> dict[str, Any]:
 def get_vocab(cfg: CacheConfig, samples, tokens_hash: str, tokenizer_fp: str, vocab_size: int,
               events: EventSink):
     """The draft vocab: built from these samples, or a saved one checked against tokenizer and sizes."""
+    from core.settings import default_draft_vocab
     from core.vocab import build_vocab, count_tokens, load_vocab
 
     pairs = [(ids, mask) for _, ids, mask in samples]
     source = {"data": tokens_hash, "tokenizer": tokenizer_fp, "dataset": cfg.data}
     counts = count_tokens(pairs, vocab_size, where=cfg.data)
     if cfg.vocab is None:
-        return build_vocab(counts, cfg.draft_vocab_size, vocab_size, source=source)
-    vocab = load_vocab(cfg.vocab, expect={"tokenizer": tokenizer_fp, "target_vocab_size": vocab_size,
-                                          "draft_vocab_size": cfg.draft_vocab_size})
+        size = cfg.draft_vocab_size or default_draft_vocab(vocab_size)
+        return build_vocab(counts, size, vocab_size, source=source)
+    expect = {"tokenizer": tokenizer_fp, "target_vocab_size": vocab_size}
+    if cfg.draft_vocab_size is not None:  # not given: the saved vocab's size
+        expect["draft_vocab_size"] = cfg.draft_vocab_size
+    vocab = load_vocab(cfg.vocab, expect=expect)
     if vocab.source.get("data") != source["data"]:
         cov = float(counts[vocab.selected].sum()) / max(1, int(counts.sum()))
         events(Log(stage=STAGE, level="warning", message=f"draft vocab {cfg.vocab} was built from other "

@@ -22,7 +22,7 @@ class CacheSettings(Settings):
 
     cli_names = {"aux_layer_ids": "--aux-layers"}
 
-    draft_vocab_size: int = draft_vocab_size_field()
+    draft_vocab_size: Optional[int] = draft_vocab_size_field()
     aux_layer_ids: Optional[list[int]] = aux_layers_field()
     max_length: int = Field(2048, ge=2, description="Tokens per conversation (truncated).")
     aux_dtype: Literal[AUX_DTYPES] = Field(_D.aux_dtype, description="Stored aux hidden states: bf16 | "
@@ -42,7 +42,7 @@ class CacheSettings(Settings):
     @model_validator(mode="after")
     def _knobs_agree(self):
         check_aux_layers(self.aux_layer_ids, "aux_layer_ids")
-        if self.target_store == "topk" and self.topk > self.draft_vocab_size:
+        if self.target_store == "topk" and self.draft_vocab_size is not None and self.topk > self.draft_vocab_size:
             raise refuse("topk", f"{self.topk} exceeds {{draft_vocab_size}} {self.draft_vocab_size}")
         if self.batch_tokens < self.max_length:
             raise refuse("batch_tokens", f"{self.batch_tokens} must be >= {{max_length}} ({self.max_length}) "

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Measure the length distribution of this "
                                            "dataset with the target's tokenizer (needs a model folder)."),
         max_length: int = common.option(CacheSettings, "max_length"),
-        draft_vocab_size: int = common.option(CacheSettings, "draft_vocab_size"),
+        draft_vocab_size: Optional[int] = common.option(CacheSettings, "draft_vocab_size"),
         topk: int = common.option(CacheSettings, "topk"),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Where the cache would go "
                                              "(free disk is checked there)."),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from core.settings import draft_vocab
 from core.step_budgets import StepBudget
 
 PENDING = "(estimate unavailable: {why})"
@@ -103,7 +104,7 @@ def _plan(budget: Any, cfg: Any, known_rows: int | None, options: list | None):
     f = cfg.features
     shape = target_shape(budget, cfg.target.model)
     n, _ = sample_count(cfg, known_rows)
-    vd = min(cfg.vocab.draft_vocab_size, shape.vocab_size)
+    vd = draft_vocab(cfg.vocab.draft_vocab_size, shape.vocab_size)
     if options is None:
         options = [StorageOptions(o.aux_dtype, o.target_store, f.topk, o.target_dtype) for o in budget.DEFAULT_OPTIONS]
         chosen = StorageOptions(f.aux_dtype, f.target_store, f.topk)

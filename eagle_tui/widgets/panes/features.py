@@ -30,7 +30,7 @@ class FeaturesPane(Pane):
             ("offline cache (extract once)", "offline"),
             ("online (target inside training)", "online")])
         yield FieldRow("features.max_length", "Max sequence length", "int")
-        yield FieldRow("vocab.draft_vocab_size", "Draft vocabulary", "int",
+        yield FieldRow("vocab.draft_vocab_size", "Draft vocabulary", "optint", placeholder="auto",
                        hint="most frequent target tokens the draft predicts")
         yield FieldRow("features.aux_dtype", "Hidden states stored as", "choice",
                        choices=[("fp8 (8-bit)", "fp8"), ("bf16", "bf16"), ("fp16", "fp16")])
