@@ -36,6 +36,7 @@ from core.errors import EagleError, InputDataError, UsageError
 from core.evaluate import EvalConfig
 from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.manifest import write_json_atomic
+from core.regen.config import RegenSettings
 from core.serve import ServeConfig
 from core.settings import Device, Settings, field_like
 
@@ -72,7 +73,7 @@ class BenchConfig(Settings):
     num_prompts: int = Field(16, ge=1, description="--bench: prompts per server.")
     max_new_tokens: int = Field(256, ge=1, description="--bench: tokens per answer.")
     startup_timeout_s: float = Field(1800.0, gt=0, description="Seconds to wait for each engine to answer.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Seconds per request.")
+    request_timeout_s: float = field_like(RegenSettings, "request_timeout")  # the same OpenAI-style requests
     output: Optional[str] = Field(None, description="--bench: JSON report path.")
     data: Optional[str] = Field(None, description="--bench: held-out prompt dataset, selected as `eagle "
                                 "eval --data` does (default: 16 built-in questions).")

@@ -202,15 +202,17 @@ def check_aux_layers(ids: Optional[list[int]], field: str) -> None:
         raise refuse(field, f"need three distinct non-negative layer ids (got {list(ids)})")
 
 
-SMALL_TARGET_VOCAB = 64000  # at most this many ids: a small target, whose draft vocab is 8192
+SMALL_TARGET_VOCAB = 64000  # targets with at most this many ids get the small draft vocab
+DRAFT_VOCAB_LARGE, DRAFT_VOCAB_SMALL = 32000, 8192
 
 
 def default_draft_vocab(target_vocab_size: int) -> int:
     """The draft vocabulary size when none is given, the one rule every stage and estimate uses:
-    32000 (the anchors' default) for targets with more than 64000 ids, 8192 for smaller ones (their
-    supervised tokens are covered as well with fewer rows, and the head and its logits are 4x
-    smaller), never more than the target's vocabulary."""
-    return min(target_vocab_size, 32000 if target_vocab_size > SMALL_TARGET_VOCAB else 8192)
+    32000 (the anchors' default) for targets with more than 64000 ids, 8192 for smaller ones (the
+    size the demo and the peer trainer use for SmolLM2's 49152 ids: a 4x smaller head and logits),
+    never more than the target's vocabulary."""
+    large = target_vocab_size > SMALL_TARGET_VOCAB
+    return min(target_vocab_size, DRAFT_VOCAB_LARGE if large else DRAFT_VOCAB_SMALL)
 
 
 def draft_vocab(requested: Optional[int], target_vocab_size: int) -> int:
@@ -220,8 +222,8 @@ def draft_vocab(requested: Optional[int], target_vocab_size: int) -> int:
 
 def draft_vocab_size_field(default: Optional[int] = None) -> Any:
     return Field(default, ge=1, description="Draft vocabulary size Vd: the most frequent target ids under "
-                 "the loss mask (default: 32000 for targets with more than 64000 ids, else 8192; at most "
-                 "the target's vocab).")
+                 f"the loss mask (default: {DRAFT_VOCAB_LARGE} for targets with more than {SMALL_TARGET_VOCAB} "
+                 f"ids, else {DRAFT_VOCAB_SMALL}; at most the target's vocab).")
 
 
 def field_like(model: type[BaseModel], name: str, **changes: Any) -> Any:
