@@ -211,12 +211,9 @@ def test_one_draft_vocab_rule_for_plan_tui_and_run(tmp_path, capsys):
     from core.pipeline import train_config
     from core.settings import default_draft_vocab
     from core.step_budgets import step_budgets
-    from core.train.config import default_draft_vocab_size
     from eagle_tui.cli import main
     from eagle_tui.widgets import estimates
 
-    for v in (100, 8192, 32000, 49152, 64000, 64001, 128256, 151936):
-        assert default_draft_vocab_size(v) == default_draft_vocab(v), v  # online training's
     assert (default_draft_vocab(49152), default_draft_vocab(128256), default_draft_vocab(5000)) == (8192, 32000, 5000)
     for model in (CacheConfig, VocabConfig, TrainConfig):  # None = the rule, everywhere
         assert model.default("draft_vocab_size") is None

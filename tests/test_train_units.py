@@ -13,7 +13,8 @@ import torch
 
 from core.errors import CorruptDataError, InputDataError, UsageError
 from core.train import checkpoint as ck
-from core.train.config import TrainConfig, default_draft_vocab_size
+from core.settings import default_draft_vocab
+from core.train.config import TrainConfig
 from core.train.data import BatchPlan, collate, pack_in_order, split_indices
 from core.train.distributed import DistEnv
 from core.train.loop import lr_at
@@ -151,8 +152,8 @@ def test_config_round_trip_and_content_settings(tmp_path):
     assert _cfg(tmp_path, save_every=7, keep_last=9, resume=True, **same).settings(1, "cpu") == s
     assert _cfg(tmp_path, lr=1e-3, betas=(0.8, 0.9)).settings(1, "cpu") != s
     assert _cfg(tmp_path, **same).settings(2, "cpu") != s
-    assert default_draft_vocab_size(49152) == 8192 and default_draft_vocab_size(128256) == 32000
-    assert default_draft_vocab_size(1000) == 1000
+    assert default_draft_vocab(49152) == 8192 and default_draft_vocab(128256) == 32000
+    assert default_draft_vocab(1000) == 1000
 
 
 # ---- checkpoint files -------------------------------------------------------------------------

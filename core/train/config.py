@@ -206,7 +206,3 @@ class TrainConfig(TrainSettings):
         if self.init_from is not None and not Path(self.init_from).expanduser().is_dir():
             raise InputDataError("no such draft folder for --init-from", path=self.init_from)
 
-
-def default_draft_vocab_size(target_vocab_size: int) -> int:
-    """32000 (the anchors' default) for large vocabularies, 8192 for small targets."""
-    return min(target_vocab_size, 32000 if target_vocab_size > 64000 else 8192)

@@ -23,7 +23,8 @@ import torch
 from core.data.identity import CACHE_PROMPTS, read_prompt_list
 from core.errors import InputDataError, SettingsMismatchError, UsageError
 from core.events import EventSink, Log
-from core.train.config import TrainConfig, default_draft_vocab_size
+from core.settings import draft_vocab
+from core.train.config import TrainConfig
 from core.train.data import OfflineSource, OnlineSource, cache_lengths, split_indices
 
 STAGE = "train"
@@ -97,7 +98,7 @@ def _vocab_online(cfg: TrainConfig, run_dir: Path, resumed: bool, pairs, tokens_
             events(Log(stage=STAGE, level="warning",
                        message=f"draft vocab {cfg.vocab} was built from other data than --data"))
         return vocab, True
-    size = cfg.draft_vocab_size or default_draft_vocab_size(target_vocab_size)
+    size = draft_vocab(cfg.draft_vocab_size, target_vocab_size)
     return build_vocab(pairs, size, target_vocab_size, source=source), True
 
 
