@@ -34,6 +34,7 @@ from pydantic import Field
 
 from core.errors import EagleError, InputDataError, UsageError
 from core.evaluate import EvalConfig
+from core.evaluate.report import accepted_counts
 from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.manifest import write_json_atomic
 from core.regen.config import RegenSettings
@@ -157,7 +158,9 @@ def load_eval_report(cfg: BenchConfig) -> dict[str, Any] | None:
     cfg.max_new_tokens, cfg.max_prompt_tokens = int(st["max_new_tokens"]), int(st["max_prompt_tokens"])
     return {"report": cfg.eval_report, "tau": summ.get("tau"), "accept_rate": summ.get("accept_rate"),
             "split": st.get("split"), "messages_column": st.get("messages_column"),
-            "num_prompts": rep.get("num_prompts"), "verify_steps": summ.get("verify_steps")}
+            "num_prompts": rep.get("num_prompts"),
+            "counts": accepted_counts([n for p in rep.get("prompts", []) for n in p.get("accepted_drafts", [])],
+                                      int(st["num_draft_tokens"]))}
 
 
 def prompt_ids(cfg: BenchConfig, events: EventSink, ev: dict[str, Any] | None) -> tuple[list[list[int]], str]:
@@ -297,11 +300,9 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
         report["agrees_with_eval"] = diff is not None and abs(diff) <= cfg.tau_tolerance
         # Stricter than τ: the same verifications and acceptances per position. Exact on CPU fp32 (the
         # demo and tests/test_engine_exports.py); bf16 GPU kernels may differ by a few, so only reported.
-        counters = spec.get("counters")
-        if counters and ev.get("verify_steps") and ev.get("accept_rate"):
-            eval_pos = [round(r * ev["verify_steps"]) for r in ev["accept_rate"]]
-            report["counts_equal"] = (counters["drafts"] == ev["verify_steps"]
-                                      and counters["accepted_per_pos"] == eval_pos)
+        counters, want = spec.get("counters"), ev["counts"]
+        if counters and want["drafts"]:
+            report["counts_equal"] = {k: counters[k] for k in want} == want
         if not report["agrees_with_eval"]:
             events(Log(stage=STAGE, level="error", message=f"engine τ {tau} vs eagle eval τ {ev.get('tau')}: "
                        f"beyond ±{cfg.tau_tolerance}: the engine does not load the draft as trained "

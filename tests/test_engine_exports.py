@@ -59,9 +59,9 @@ def regenerate_greedy(target: Path, src: Path, dst: Path, max_new_tokens: int) -
 
 def eval_counts(report: dict) -> dict:
     """Verifications and accepted draft tokens per position, from eval's per-prompt records."""
-    accepted = [n for p in report["prompts"] for n in p["accepted_drafts"]]
-    return {"drafts": len(accepted), "accepted": sum(accepted),
-            "accepted_per_pos": [sum(1 for n in accepted if n > i) for i in range(K)]}
+    from core.evaluate.report import accepted_counts
+
+    return accepted_counts([n for p in report["prompts"] for n in p["accepted_drafts"]], K)
 
 
 @pytest.fixture(scope="module")

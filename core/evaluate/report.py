@@ -36,6 +36,13 @@ def _safe_mean(xs: list[float]) -> float | None:
     return mean(xs) if xs else None
 
 
+def accepted_counts(accepted: list[int], k: int) -> dict[str, Any]:
+    """Verifications, accepted draft tokens and accepted tokens per draft position from the number of
+    accepted draft tokens (0..k) of every verification: what an engine's spec-decode counters count."""
+    return {"drafts": len(accepted), "accepted": sum(accepted),
+            "accepted_per_pos": [sum(1 for n in accepted if n > i) for i in range(k)]}
+
+
 def acceptance(accepted: list[int], k: int) -> dict[str, Any]:
     """τ (bonus token counted) and acceptance per draft position from the number of accepted
     draft tokens (0..k) of every verification."""
