@@ -196,6 +196,27 @@ def test_refusal_rules_and_resume_of_complete_cache(tiny_target, data, tmp_path)
     assert before == {p.name: p.read_bytes() for p in out.glob("shard-*")}
 
 
+def test_a_moved_target_folder_keeps_its_cache(tiny_target, data, tmp_path):
+    """The target is known by its content hashes: the same model in another folder (another
+    EAGLE_CACHE_DIR, a moved snapshot) resumes the cache; caches that recorded the path resume too."""
+    import shutil
+
+    out = tmp_path / "c"
+    build_cache(_cfg(tiny_target, data, out, target_store="topk", topk=4))
+    moved = tmp_path / "moved-target"
+    shutil.copytree(tiny_target, moved)
+    res = build_cache(_cfg(str(moved), data, out, target_store="topk", topk=4, resume=True))
+    assert res.resumed and res.shards_written == 0
+    assert CacheReader(out).target_info["target_path"] == str(moved.resolve())
+    m = json.loads((out / "manifest.json").read_text())  # the layout of older caches
+    m["settings"]["target"]["path"] = str(tiny_target)
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert build_cache(_cfg(str(moved), data, out, target_store="topk", topk=4, resume=True)).resumed
+    (moved / "config.json").write_text((moved / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    with pytest.raises(SettingsMismatchError, match="target"):
+        build_cache(_cfg(str(moved), data, out, target_store="topk", topk=4, resume=True))
+
+
 def test_config_validated_before_any_work(tiny_target, data, tmp_path):
     bad = [dict(aux_dtype="int4"), dict(target_store="logits"), dict(topk=0, target_store="topk"),
            dict(topk=100, target_store="topk"), dict(nproc=0), dict(device="tpu"),

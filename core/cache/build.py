@@ -22,7 +22,7 @@ from core.cache.writer import ShardJob, WorkerJob, run_worker, worker_main
 from core.data.identity import CACHE_PROMPTS, write_prompt_list
 from core.errors import CorruptDataError, EagleError, InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, Progress, RateMeter, ShardDone, StageFinished, StageStarted
-from core.manifest import prepare_output_dir, sha256_file, settings_hash, write_bytes_atomic
+from core.manifest import MANIFEST, prepare_output_dir, read_json, sha256_file, settings_hash, write_bytes_atomic
 
 STAGE = "cache"
 TARGET_CONFIG = "target_config.json"
@@ -46,6 +46,15 @@ def target_fingerprint(path: Path) -> dict[str, Any]:
                      if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
     cfg = json.loads((path / "config.json").read_text())
     return {"config_hash": settings_hash(cfg), "weights_hash": settings_hash({"files": weights})}
+
+
+def _keep_legacy_target(out: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Older caches kept the target's path among their settings; the same model found
+    elsewhere (another EAGLE_CACHE_DIR, a moved folder) must still resume them."""
+    old = read_json(out / MANIFEST) if resume and (out / MANIFEST).exists() else {}
+    recorded = (old.get("settings") or {}).get("target") or {}
+    if "path" in recorded and {k: v for k, v in recorded.items() if k != "path"} == settings["target"]:
+        settings["target"] = recorded
 
 
 def get_vocab(cfg: CacheConfig, samples, tokens_hash: str, tokenizer_fp: str, vocab_size: int,
@@ -123,7 +132,7 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
     vocab = get_vocab(cfg, samples, tokens_hash, tok_fp, vocab_size, events)
     opts = cfg.storage.validate(vocab.draft_vocab_size)
     settings = {
-        "target": {"path": str(Path(target).resolve()), **target_fingerprint(target)},
+        "target": target_fingerprint(target),  # by content: a moved model folder keeps its cache
         "aux_layer_ids": aux_ids, "tokenizer": tok_fp, "chat_template": chat_template_hash(tokenizer),
         "data": {"source": cfg.data, "split": cfg.split, "messages_column": cfg.messages_column,
                  "shuffle_seed": cfg.shuffle_seed, "limit": cfg.limit, "tokens": tokens_hash},
@@ -138,7 +147,9 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
     est = budget.estimate_cache_bytes(layout.CacheDims(int(hf_cfg.get_text_config().hidden_size), vocab.draft_vocab_size),
                                       opts, [len(s[1]) for s in samples], cfg.shard_size, vocab_size)
     disk.check_free(out, est.total_bytes - disk.bytes_under(out), f"the cache ({len(samples)} samples)")
+    _keep_legacy_target(out, settings, cfg.resume)
     manifest, resumed = prepare_output_dir(out, "cache", layout.FORMAT_VERSION, settings, cfg.resume)
+    manifest.extra["target_path"] = str(Path(target).resolve())
     if not resumed or not (out / "vocab.json").exists():
         vocab.save(out)
         write_bytes_atomic(out / TARGET_CONFIG, (target / "config.json").read_bytes())

@@ -52,7 +52,7 @@ class CacheReader:
         if not info:
             raise CorruptDataError(f"{self.dir}: manifest has no target information")
         info["aux_layer_ids"] = list(m.settings["aux_layer_ids"])
-        info["target_path"] = m.settings["target"]["path"]
+        info["target_path"] = m.extra.get("target_path") or m.settings["target"].get("path")
         info["max_length"] = m.settings["max_length"]
         info["draft_vocab_size"] = self.vocab.draft_vocab_size
         self.target_info = info
