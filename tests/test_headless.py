@@ -55,3 +55,16 @@ def test_every_subcommand_help_is_light():
                                 "with contextlib.redirect_stdout(io.StringIO()):\n    main()")
         heavy = [m for m in loaded if m.split(".")[0] in HEAVY]
         assert not heavy, f"eagle {' '.join(p)} --help imported {sorted(heavy)[:10]}"
+
+
+@pytest.mark.parametrize("argv, says", [(["cache", "--bogus"], "No such option: --bogus"),
+                                        (["train", "--lr", "abc"], "Invalid value for '--lr'"),
+                                        (["nosuch"], "No such command 'nosuch'"),
+                                        (["cache"], "Missing option")])
+def test_command_line_mistakes_exit_2_with_clicks_message(argv, says, capsys):
+    """Typer vendors click: its usage errors are not `click`'s classes, yet must stay exit 2."""
+    from eagle_tui.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and "NoSuchOption" not in err

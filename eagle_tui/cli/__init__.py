@@ -10,8 +10,8 @@ import enum
 import sys
 from typing import Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from core import __version__
 from core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EagleError
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         rc = app(args=argv, standalone_mode=False)
         # click returns (not raises) typer.Exit's code when standalone_mode is False
         return rc if isinstance(rc, int) else 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         return _fail("interrupted", EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
-    except click.ClickException as e:
+    except TyperException as e:  # Typer vendors click: a usage error (unknown option, bad value) is exit 2
+        if not hasattr(e, "show"):
+            raise
         e.show()
         return e.exit_code
     except EagleError as e:
