@@ -3,7 +3,8 @@
     .venv/bin/python bench/recipe.py --workdir eagle-demo/full [--variants baseline,head-target,...]
                                      [--select-seconds 600]
 
-A variant may combine options with "+": `head-target-frozen+lr-1e-3`.
+A variant may combine options with "+": `head-target-frozen+lr-1e-3`; `limit-N` trains on the cache's
+first N conversations (τ against data size: `baseline,limit-48,limit-97`).
 Reads a finished (or at least cached) `eagle demo` / `eagle run` workdir: its YAML, its offline
 cache and its heldout.jsonl. Every variant trains a fresh draft from the same cache with the
 pipeline's own settings (core.pipeline.train_config) plus the variant's overrides, chooses its
@@ -41,6 +42,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "decay-1": {"decay": 1.0},
     "seed-1": {"seed": 1},  # the noise floor: same settings, another seed
 }
+
+
+def overrides_of(name: str) -> dict[str, Any]:
+    """A variant's TrainConfig overrides: known parts joined by "+", and `limit-N` (the cache's
+    first N conversations: τ against data size)."""
+    out: dict[str, Any] = {}
+    for part in name.split("+"):
+        if part.startswith("limit-") and part[6:].isdigit():
+            out["data_limit"] = int(part[6:])
+        elif part in VARIANTS:
+            out.update(VARIANTS[part])
+        else:
+            raise KeyError(part)
+    return out
 
 
 def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int = 2000) -> tuple[float, float]:
@@ -107,9 +122,10 @@ def main() -> None:
     if a.select_seconds:
         cfg.train.select_seconds = a.select_seconds
     names = a.variants.split(",")
-    unknown = [p for v in names for p in v.split("+") if p not in VARIANTS]
+    unknown = [p for v in names for p in v.split("+")
+               if p not in VARIANTS and not (p.startswith("limit-") and p[6:].isdigit())]
     if unknown:
-        sys.exit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        sys.exit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}, limit-N")
     target = resolve_target(cfg.target.model)
     out = Path(a.out) if a.out else wd / "recipe"
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +135,7 @@ def main() -> None:
         if done.is_file():  # resumable: a finished variant is not trained again
             rows.append(json.loads(done.read_text()))
         else:
-            overrides = {k: v for part in name.split("+") for k, v in VARIANTS[part].items()}
+            overrides = overrides_of(name)
             rows.append(run_variant(name, overrides, cfg, target, out))
             done.write_text(json.dumps(rows[-1]))
         r = rows[-1]

@@ -163,6 +163,15 @@ def test_offline_training_reads_the_cache_only(tiny_target, data, tmp_path):
     assert torch.equal(draft.d2t, reader.vocab.d2t)
     with pytest.raises(UsageError, match="--draft-vocab-size"):
         TrainConfig(output_dir=str(tmp_path / "r2"), cache=str(cache), draft_vocab_size=32).validate()
+    # --limit N offline: the cache's first N samples, and only they are recorded as trained on
+    from core.data.identity import read_prompt_list
+
+    small = tmp_path / "small"
+    train(cfg.model_copy(update=dict(output_dir=str(small), data_limit=5, max_steps=1, save_every=1)), ListSink())
+    sm = json.loads((small / "manifest.json").read_text())
+    assert sm["extra"]["data_fingerprint"]["samples"] == 5
+    assert [r["index"] for r in read_prompt_list(small / "trained_on.jsonl")] == \
+        [r["index"] for r in read_prompt_list(cache / "conversations.jsonl")][:5]
 
 
 # ---- kill -9 and resume --------------------------------------------------------------------------

@@ -106,7 +106,8 @@ class TrainConfig(TrainSettings):
     cache: Optional[str] = Field(None, description="Offline: an `eagle cache` folder.")
     data_split: Optional[str] = Field(None, description="Dataset split / slice, e.g. train[:1000].")
     messages_column: Optional[str] = Field(None, description="Column with the turns.")
-    data_limit: Optional[int] = Field(None, ge=1, description="Use at most this many conversations.")
+    data_limit: Optional[int] = Field(None, ge=1, description="Use at most this many conversations "
+                                      "(offline: the cache's first N samples).")
     data_shuffle_seed: Optional[int] = Field(None, description="Online: shuffle the rows first (as "
                                              "regen / cache do).")
     data_strict: bool = Field(False, description="Online: fail at the first bad row.")

@@ -160,7 +160,7 @@ def load_offline(cfg: TrainConfig, events: EventSink) -> TrainInputs:
     if max(lengths) > cfg.max_length:
         events(Log(stage=STAGE, message=f"cache samples longer than --max-length {cfg.max_length} "
                                         "are truncated"))
-    n = len(reader)
+    n = min(len(reader), cfg.data_limit or len(reader))  # --limit: the cache's first n samples
     if cfg.val_data is not None:
         raise UsageError("--val-data is for online training; offline, use --val-fraction "
                          "(or build a second cache and train with it as --cache)")
@@ -173,7 +173,7 @@ def load_offline(cfg: TrainConfig, events: EventSink) -> TrainInputs:
              "target_info": {k: v for k, v in info.items() if k != "target_path"},
              "chat_template_hash": reader.manifest.settings.get("chat_template")}
     record = Path(cfg.cache) / CACHE_PROMPTS  # absent in caches written before it existed
-    prompts = ([(r["index"], r["prompt_sha256"]) for r in read_prompt_list(record)]
+    prompts = ([(r["index"], r["prompt_sha256"]) for r in read_prompt_list(record)][:n]
                if record.is_file() else None)
     return TrainInputs(train, val, reader.vocab, target, list(info["aux_layer_ids"]), fp, extra,
                        prompts)
