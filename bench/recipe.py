@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -56,6 +57,24 @@ def overrides_of(name: str) -> dict[str, Any]:
         else:
             raise KeyError(part)
     return out
+
+
+def data_curve(rows: list[dict[str, Any]], cache_samples: int) -> str | None:
+    """τ against training conversations from `baseline` and its `limit-N` variants: the least-squares
+    line τ = a + b log2(n), the gain per doubling b, and where the line would reach τ 2.0 (an
+    extrapolation, said as one)."""
+    pts = [(min(r["overrides"].get("data_limit") or cache_samples, cache_samples), r["tau"]) for r in rows
+           if set(r["overrides"]) <= {"data_limit"}]
+    if len({n for n, _ in pts}) < 2:
+        return None
+    xs, ys = [math.log2(n) for n, _ in pts], [t for _, t in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    line = ", ".join(f"{n}: {t:.3f}" for n, t in sorted(pts))
+    reach = (f"τ 2.0 at about {2 ** ((2.0 - a) / b):,.0f} conversations if the line held" if b > 0
+             else "τ does not grow with data here")
+    return f"τ against training conversations ({line}): {b:+.3f} per doubling; {reach}"
 
 
 def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int = 2000) -> tuple[float, float]:
@@ -148,6 +167,10 @@ def main() -> None:
     for r in rows[1:]:
         lo, hi = paired_ratio_interval(base["accepted"], r["accepted"])
         print(f"  {r['variant']:<20} {r['tau'] / base['tau']:.3f}x  [{lo:.3f}, {hi:.3f}]")
+    curve = data_curve(rows, json.loads((cfg.step_output_dir("cache") / "manifest.json").read_text())
+                       ["extra"]["num_samples"])
+    if curve:
+        print(curve)
     (out / "summary.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "accepted"} for r in rows],
                                                  indent=1))
 
