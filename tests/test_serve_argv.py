@@ -161,6 +161,16 @@ def test_bench_sglang_refuses_without_gpu(export_dir, tiny_target, capsys):
     assert rc == 2 and "needs a CUDA GPU" in err and "--engine vllm" in err
 
 
+def test_bad_bench_option_refused_before_the_demo_target_is_converted(export_dir, tmp_path, capsys, monkeypatch):
+    from eagle_tui.cli import main
+
+    monkeypatch.setenv("EAGLE_CACHE_DIR", str(tmp_path / "cache"))  # the demo target not converted yet
+    rc = main(["serve", "--target", "demo", "--draft", str(export_dir), "--engine", "vllm", "--bench",
+               "--bench-prompts", "0"])
+    assert rc == 2 and "--bench-prompts: must be >= 1 (got 0)" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing written
+
+
 def test_vllm_metrics_parser():
     from core.serve_bench import parse_vllm_spec_counters
 

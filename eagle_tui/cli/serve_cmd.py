@@ -37,17 +37,18 @@ def register(app: typer.Typer) -> None:
         """
         from core.serve import exec_server, plan, prepare
 
-        if settings["target"] == "demo":  # the embedded SmolLM2-135M-Instruct, as in regen / target-server
+        cfg = C(**settings, extra_args=list(ctx.args), engine_python=engine_python)
+        bcfg = (B(serve=cfg, num_prompts=bench_prompts, max_new_tokens=bench_max_tokens, output=bench_output,
+                  data=bench_data, eval_report=bench_eval, tau_tolerance=bench_tolerance) if bench else None)
+        if cfg.target == "demo":  # the embedded SmolLM2-135M-Instruct (converted once), after the options check
             from core.assets import demo_target
 
-            settings["target"] = str(demo_target())
-        cfg = C(**settings, extra_args=list(ctx.args), engine_python=engine_python)
-        if bench:
+            cfg = cfg.model_copy(update={"target": str(demo_target())})
+            bcfg = bcfg.model_copy(update={"serve": cfg}) if bcfg else None
+        if bcfg is not None:
             from core.serve_bench import bench_servers
 
-            report = bench_servers(B(serve=cfg, num_prompts=bench_prompts, max_new_tokens=bench_max_tokens,
-                                     output=bench_output, data=bench_data, eval_report=bench_eval,
-                                     tau_tolerance=bench_tolerance), common.make_sink("bench"))
+            report = bench_servers(bcfg, common.make_sink("bench"))
             common.echo(json.dumps(report, indent=2))
             if report.get("agrees_with_eval") is False:
                 from core.errors import EagleError
