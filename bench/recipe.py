@@ -141,8 +141,12 @@ def main() -> None:
     if a.select_seconds:
         cfg.train.select_seconds = a.select_seconds
     names = a.variants.split(",")
-    unknown = [p for v in names for p in v.split("+")
-               if p not in VARIANTS and not (p.startswith("limit-") and p[6:].isdigit())]
+    overrides, unknown = {}, []
+    for name in names:
+        try:
+            overrides[name] = overrides_of(name)
+        except KeyError as e:
+            unknown.append(e.args[0])
     if unknown:
         sys.exit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}, limit-N")
     target = resolve_target(cfg.target.model)
@@ -154,8 +158,7 @@ def main() -> None:
         if done.is_file():  # resumable: a finished variant is not trained again
             rows.append(json.loads(done.read_text()))
         else:
-            overrides = overrides_of(name)
-            rows.append(run_variant(name, overrides, cfg, target, out))
+            rows.append(run_variant(name, overrides[name], cfg, target, out))
             done.write_text(json.dumps(rows[-1]))
         r = rows[-1]
         print(f"{r['variant']:<20} τ {r['tau']:.3f}  per position {' / '.join(f'{x:.2f}' for x in r['accept_rate'])}"

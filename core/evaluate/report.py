@@ -46,14 +46,14 @@ def accepted_counts(accepted: list[int], k: int) -> dict[str, Any]:
 def acceptance(accepted: list[int], k: int) -> dict[str, Any]:
     """τ (bonus token counted) and acceptance per draft position from the number of accepted
     draft tokens (0..k) of every verification."""
-    steps = len(accepted)
-    reached = [sum(1 for n in accepted if n >= i) for i in range(k)]
+    c = accepted_counts(accepted, k)
+    steps, per_pos = c["drafts"], c["accepted_per_pos"]
+    reached = [steps, *per_pos[:-1]]  # verifications that got to position i: n >= i, i.e. n > i - 1
     return {
-        "tau": (sum(n + 1 for n in accepted) / steps) if steps else None,
+        "tau": ((c["accepted"] + steps) / steps) if steps else None,
         "verify_steps": steps,
-        "accept_rate": [sum(1 for n in accepted if n > i) / steps if steps else None for i in range(k)],
-        "conditional_accept_rate": [(sum(1 for n in accepted if n > i) / reached[i]) if reached[i]
-                                    else None for i in range(k)],
+        "accept_rate": [a / steps if steps else None for a in per_pos],
+        "conditional_accept_rate": [(a / r) if r else None for a, r in zip(per_pos, reached)],
     }
 
 
