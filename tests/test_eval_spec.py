@@ -155,6 +155,21 @@ def test_export_folder_and_converted_third_party_give_same_tau(trained, tmp_path
     assert third["summary"]["tau"] == base["summary"]["tau"] and third["summary"]["lossless"]
 
 
+def test_fast_cpu_matmul_changes_no_token(trained):
+    """The W @ x^T product of verify and drafting gives the same tokens and accept lengths as
+    F.linear (tied logits aside, which this draft and target do not produce)."""
+    from core.evaluate import EvalConfig, evaluate
+
+    root, target, run, data, _ = trained
+    kw = dict(target=str(target), draft=str(run), data=str(data), num_prompts=4, num_draft_tokens=3,
+              max_new_tokens=32)
+    fast, plain = evaluate(EvalConfig(**kw)), evaluate(EvalConfig(fast_cpu_matmul=False, **kw))
+    assert fast["settings"]["fast_cpu_matmul"] and not plain["settings"]["fast_cpu_matmul"]
+    assert fast["summary"]["lossless"] and plain["summary"]["lossless"]
+    assert [p["accept_lengths"] for p in fast["prompts"]] == [p["accept_lengths"] for p in plain["prompts"]]
+    assert [p["generated_tokens"] for p in fast["prompts"]] == [p["generated_tokens"] for p in plain["prompts"]]
+
+
 def test_eval_bad_inputs(trained, tmp_path):
     from core.evaluate import EvalConfig, evaluate
 

@@ -8,6 +8,7 @@ must equal it token for token (lossless), otherwise that prompt is reported as a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -34,6 +35,9 @@ class EvalSettings(Settings):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts are skipped.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
+    fast_cpu_matmul: bool = Field(True, description="On CPU, compute the 2-16 token products of verify "
+                                  "and drafting as W @ x^T (several times faster here than x @ W^T); "
+                                  "the same tokens, float rounding aside.")
 
 
 class EvalConfig(EvalSettings):
@@ -162,6 +166,7 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from core.evaluate.cpu_matmul import fast_cpu_linears
     from core.evaluate.report import DEFINITIONS, aggregate, render_summary
     from core.evaluate.spec_decode import AuxCapture, greedy_generate, speculative_generate
 
@@ -189,7 +194,7 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
                         settings={"k": cfg.num_draft_tokens, "device": str(device)}))
     meter = RateMeter(total=len(prompts))
     rows: list[dict[str, Any]] = []
-    try:
+    with contextlib.closing(capture), fast_cpu_linears(target, draft, enabled=cfg.fast_cpu_matmul):
         for n, (index, sha, ids) in enumerate(prompts):
             x = torch.tensor([ids], device=device)
             t0 = time.perf_counter()
@@ -222,8 +227,6 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
             events(Progress(stage=STAGE, done=n + 1, total=len(prompts), unit="prompts",
                             rate=meter.rate(n + 1), eta_s=meter.eta(n + 1),
                             extra={"tau": row["tau"], "lossless": row["lossless"]}))
-    finally:
-        capture.close()
     summary = aggregate(rows, cfg.num_draft_tokens)
     summary["prompt_set"] = {"data": cfg.data, "count": len(rows),
                              "held_out": (len(rows) - len(trained)) if record is not None else None,

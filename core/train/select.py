@@ -42,6 +42,7 @@ class HeldOutTau:
     @torch.no_grad()
     def measure(self, step_dir: Path) -> dict[str, float]:
         """tau, acc_pos_i (acceptance per draft position), prompts measured, seconds."""
+        from core.evaluate.cpu_matmul import fast_cpu_linears
         from core.evaluate.report import acceptance
         from core.evaluate.spec_decode import AuxCapture, speculative_generate
         from core.model import Eagle3Draft
@@ -54,17 +55,14 @@ class HeldOutTau:
                     else contextlib.nullcontext())
         accepted: list[int] = []
         t0, done = time.monotonic(), 0
-        try:
-            with autocast:
-                for _index, _sha, ids in self.prompts:
-                    if done and time.monotonic() - t0 > self.max_seconds:
-                        break  # bounded: the prompts so far still give a τ (flagged below)
-                    x = torch.tensor([ids], device=self.device)
-                    r = speculative_generate(self._model, draft, capture, x, self.k, self.max_new, self.eos)
-                    accepted.extend(r.accepted_drafts)
-                    done += 1
-        finally:
-            capture.close()
+        with contextlib.closing(capture), autocast, fast_cpu_linears(self._model, draft):
+            for _index, _sha, ids in self.prompts:
+                if done and time.monotonic() - t0 > self.max_seconds:
+                    break  # bounded: the prompts so far still give a τ (flagged below)
+                x = torch.tensor([ids], device=self.device)
+                r = speculative_generate(self._model, draft, capture, x, self.k, self.max_new, self.eos)
+                accepted.extend(r.accepted_drafts)
+                done += 1
         acc = acceptance(accepted, self.k)
         out: dict[str, Any] = {"tau": acc["tau"] or 1.0, "prompts": float(done),
                                "seconds": round(time.monotonic() - t0, 2)}
