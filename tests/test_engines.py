@@ -167,6 +167,23 @@ def test_managed_env_is_found_and_gets_cpu_flags(empty_cache, tiny_target):
         assert json.loads(served[served.index("--speculative-config") + 1])["model"] == "org/draft"
 
 
+def test_small_hosts_run_vllm_cpu_in_one_process(monkeypatch, tiny_target):
+    """<= SMALL_HOST_CPUS cores: one process, no reserved core; what the user set wins; bigger
+    hosts keep vLLM's own defaults (only the fixed KV cache)."""
+    from core import target_server as ts
+
+    monkeypatch.setattr(ts.os, "sched_getaffinity", lambda _pid: set(range(2)))
+    env = ts.vllm_cpu_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": ts.VLLM_CPU_KVCACHE_GIB, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    argv = ts._vllm_cpu_args(str(tiny_target), [])
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "uni"
+    assert "--distributed-executor-backend" not in ts._vllm_cpu_args(
+        str(tiny_target), ["--distributed-executor-backend", "mp"])
+    monkeypatch.setattr(ts.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert ts.vllm_cpu_env({}) == {"VLLM_CPU_KVCACHE_SPACE": ts.VLLM_CPU_KVCACHE_GIB}
+    assert "--distributed-executor-backend" not in ts._vllm_cpu_args(str(tiny_target), [])
+
+
 def test_bad_engine_python_is_exit_2_everywhere(empty_cache, tmp_path, tiny_target):
     from core.engines import check_engine_python
 
