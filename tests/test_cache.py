@@ -217,6 +217,29 @@ def test_a_moved_target_folder_keeps_its_cache(tiny_target, data, tmp_path):
         build_cache(_cfg(str(moved), data, out, target_store="topk", topk=4, resume=True))
 
 
+def test_a_moved_dataset_keeps_its_cache(tiny_target, data, tmp_path):
+    """The conversations are known by their tokens: the same file elsewhere resumes the cache (its
+    new path recorded), as do caches that recorded the old path; other conversations are refused."""
+    import shutil
+
+    out = tmp_path / "c"
+    build_cache(_cfg(tiny_target, data, out, target_store="topk", topk=4))
+    moved = tmp_path / "elsewhere" / "convs.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    res = build_cache(_cfg(tiny_target, str(moved), out, target_store="topk", topk=4, resume=True))
+    assert res.resumed and res.shards_written == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["extra"]["data_source"] == str(moved) and "source" not in m["settings"]["data"]
+    m["settings"]["data"]["source"] = str(data)  # the layout of older caches
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert build_cache(_cfg(tiny_target, str(moved), out, target_store="topk", topk=4, resume=True)).resumed
+    lines = moved.read_text().splitlines()
+    moved.write_text("\n".join(lines[1:]) + "\n")  # one conversation fewer: other tokens
+    with pytest.raises(SettingsMismatchError, match="data"):
+        build_cache(_cfg(tiny_target, str(moved), out, target_store="topk", topk=4, resume=True))
+
+
 def test_config_validated_before_any_work(tiny_target, data, tmp_path):
     bad = [dict(aux_dtype="int4"), dict(target_store="logits"), dict(topk=0, target_store="topk"),
            dict(topk=100, target_store="topk"), dict(nproc=0), dict(device="tpu"),

@@ -48,13 +48,15 @@ def target_fingerprint(path: Path) -> dict[str, Any]:
     return {"config_hash": settings_hash(cfg), "weights_hash": settings_hash({"files": weights})}
 
 
-def _keep_legacy_target(out: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Older caches kept the target's path among their settings; the same model found
-    elsewhere (another EAGLE_CACHE_DIR, a moved folder) must still resume them."""
+def _keep_legacy_paths(out: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Older caches kept the target's path and the dataset's among their settings; the same model
+    or the same conversations found elsewhere (another EAGLE_CACHE_DIR, a moved file) must still
+    resume them."""
     old = read_json(out / MANIFEST) if resume and (out / MANIFEST).exists() else {}
-    recorded = (old.get("settings") or {}).get("target") or {}
-    if "path" in recorded and {k: v for k, v in recorded.items() if k != "path"} == settings["target"]:
-        settings["target"] = recorded
+    for section, path_key in (("target", "path"), ("data", "source")):
+        recorded = (old.get("settings") or {}).get(section) or {}
+        if path_key in recorded and {k: v for k, v in recorded.items() if k != path_key} == settings[section]:
+            settings[section] = recorded
 
 
 def get_vocab(cfg: CacheConfig, samples, tokens_hash: str, tokenizer_fp: str, vocab_size: int,
@@ -134,7 +136,8 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
     settings = {
         "target": target_fingerprint(target),  # by content: a moved model folder keeps its cache
         "aux_layer_ids": aux_ids, "tokenizer": tok_fp, "chat_template": chat_template_hash(tokenizer),
-        "data": {"source": cfg.data, "split": cfg.split, "messages_column": cfg.messages_column,
+        # the conversations by their tokens' hash: a moved or renamed dataset file keeps its cache
+        "data": {"split": cfg.split, "messages_column": cfg.messages_column,
                  "shuffle_seed": cfg.shuffle_seed, "limit": cfg.limit, "tokens": tokens_hash},
         "max_length": cfg.max_length, "vocab": {"fingerprint": vocab.fingerprint,
                                                 "draft_vocab_size": vocab.draft_vocab_size},
@@ -147,9 +150,10 @@ def build_cache(cfg: CacheConfig, events: EventSink | None = None) -> CacheResul
     est = budget.estimate_cache_bytes(layout.CacheDims(int(hf_cfg.get_text_config().hidden_size), vocab.draft_vocab_size),
                                       opts, [len(s[1]) for s in samples], cfg.shard_size, vocab_size)
     disk.check_free(out, est.total_bytes - disk.bytes_under(out), f"the cache ({len(samples)} samples)")
-    _keep_legacy_target(out, settings, cfg.resume)
+    _keep_legacy_paths(out, settings, cfg.resume)
     manifest, resumed = prepare_output_dir(out, "cache", layout.FORMAT_VERSION, settings, cfg.resume)
     manifest.extra["target_path"] = str(Path(target).resolve())
+    manifest.extra["data_source"] = cfg.data
     if not resumed or not (out / "vocab.json").exists():
         vocab.save(out)
         write_bytes_atomic(out / TARGET_CONFIG, (target / "config.json").read_bytes())
