@@ -257,3 +257,17 @@ def test_metric_accumulator_is_token_weighted_and_exact():
     assert m["acc_0"] == pytest.approx(0.5) and m["acc_1"] == pytest.approx(0.2)
     assert m["tau_sim"] == pytest.approx(1 + 0.5 + 0.5 * 0.2) == tau_sim([0.5, 0.2])
     assert m["tokens"] == 30 and m["supervised"] == 8
+
+
+def test_feature_noise_is_relative_per_layer_and_drawn_from_its_seed():
+    from core.train.loop import noisy_features
+
+    torch.manual_seed(0)
+    aux = torch.cat([torch.randn(2, 50, 64) * s for s in (0.1, 1.0, 30.0)], dim=-1).to(torch.bfloat16)
+    a, b = noisy_features(aux, 0.2, 3, seed=7), noisy_features(aux, 0.2, 3, seed=7)
+    assert a.dtype == aux.dtype and a.shape == aux.shape and torch.equal(a, b)
+    assert not torch.equal(a, noisy_features(aux, 0.2, 3, seed=8))
+    for k in range(3):  # each aux layer gets noise at 20% of its own scale
+        x, y = aux[..., 64 * k: 64 * (k + 1)].float(), a[..., 64 * k: 64 * (k + 1)].float()
+        ratio = ((y - x).pow(2).mean() / x.pow(2).mean()).sqrt()
+        assert 0.17 < float(ratio) < 0.23, (k, float(ratio))

@@ -47,6 +47,9 @@ class TrainSettings(Settings):
         "random", description="random | target: lm_head rows from the target's output head (tied targets: "
         "its embeddings), norm from its final norm.")
     freeze_head: bool = Field(False, description="With head_init target: keep lm_head and norm fixed.")
+    feature_noise: float = Field(0.0, ge=0, le=1, description="Training only: Gaussian noise on the "
+                                 "target's aux states, this share of each layer's per-token RMS (EAGLE "
+                                 "trains on noisy features too: the draft then meets its own errors).")
     init_from: Optional[str] = Field(None, description="Warm start from a draft: an export (ours, or "
                                      "converted by `eagle export --from`) or a run; its vocabulary is "
                                      "remapped row by row.")

@@ -69,16 +69,33 @@ class TrainResult:
 class LossModule(torch.nn.Module):
     """Root module for DDP / FSDP: forward(batch) = the TTT loss of the draft."""
 
-    def __init__(self, draft: torch.nn.Module, ttt_length: int, decay: float, attention: str):
+    def __init__(self, draft: torch.nn.Module, ttt_length: int, decay: float, attention: str,
+                 feature_noise: float = 0.0):
         super().__init__()
         self.draft = draft
         self.ttt_length, self.decay, self.attention = ttt_length, decay, attention
+        self.feature_noise = feature_noise
+        self.noise_seed: int | None = None  # set per micro-batch by the loop: resumes draw the same noise
 
     def forward(self, batch: dict[str, torch.Tensor]):
         from core.model.ttt import ttt_forward_loss
 
+        if self.feature_noise > 0 and self.draft.training and self.noise_seed is not None:
+            batch = {**batch, "aux_hidden": noisy_features(batch["aux_hidden"], self.feature_noise,
+                                                           len(self.draft.config.aux_layer_ids),
+                                                           self.noise_seed)}
         return ttt_forward_loss(self.draft, batch, ttt_length=self.ttt_length, decay=self.decay,
                                 attention_backend=self.attention)
+
+
+def noisy_features(aux: torch.Tensor, scale: float, num_layers: int, seed: int) -> torch.Tensor:
+    """aux + N(0, (scale * RMS)^2), the RMS taken per token and per aux layer (their scales differ
+    by orders of magnitude); the noise comes from `seed` alone, so a resumed run draws it again."""
+    gen = torch.Generator(device=aux.device).manual_seed(seed)
+    parts = aux.float().unflatten(-1, (num_layers, -1))
+    rms = parts.pow(2).mean(-1, keepdim=True).sqrt()
+    noise = torch.randn(parts.shape, generator=gen, device=aux.device) * rms * scale
+    return (parts + noise).flatten(-2).to(aux.dtype)
 
 
 ADAMW_ENV = "EAGLE_CPU_ADAMW"
@@ -184,7 +201,7 @@ class _Trainer:
             "draft_vocab_size": self.inputs.vocab.draft_vocab_size,
             "vocab_coverage": round(self.inputs.vocab.coverage, 4)}))
 
-        self.module = LossModule(self.draft, cfg.ttt_length, cfg.decay, self.attention)
+        self.module = LossModule(self.draft, cfg.ttt_length, cfg.decay, self.attention, cfg.feature_noise)
         self.root = D.wrap(self.module, env, cfg.fsdp, list(self.draft.decoder_layers()))
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optim = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas),
@@ -263,6 +280,7 @@ class _Trainer:
                 batch = self.overlap.get(step, j, mb)
             else:
                 batch = self.inputs.train.batch(mb, env.device)
+            self.module.noise_seed = ((cfg.seed * 1_000_003 + step) * 1009 + j) * 131 + env.rank
             with D.no_sync(self.root, j == n - 1), self.autocast:
                 out = self.root(batch)
                 (out.loss / n).backward()
