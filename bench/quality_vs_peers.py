@@ -139,6 +139,7 @@ def train_ours(a: argparse.Namespace, cache: str, total: int, work: Path) -> dic
                       ttt_length=a.ttt, lr=a.lr, warmup_ratio=a.warmup_ratio, max_steps=total,
                       max_tokens_per_batch=2 * a.max_length, val_fraction=0.0, seed=a.seed,
                       head_init=a.ours_head_init, freeze_head=a.ours_freeze_head,
+                      feature_noise=a.ours_feature_noise,
                       grad_clip=a.grad_clip, save_every=total, eval_every=total,
                       tensorboard=False, device="cpu")
     t0 = time.perf_counter()
@@ -244,6 +245,8 @@ def main() -> int:
     ap.add_argument("--ours-head-init", choices=["random", "target"], default="random",
                     help="our recipe's head (the demo's default: random)")
     ap.add_argument("--ours-freeze-head", action="store_true")
+    ap.add_argument("--ours-feature-noise", type=float, default=0.0,
+                    help="ours only: train.feature_noise (the peer has no such option)")
     ap.add_argument("--peer-timeout", type=float, default=4 * 3600)
     ap.add_argument("--workdir", default=None, help="keep everything here (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the numbers here")

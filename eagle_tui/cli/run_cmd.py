@@ -12,7 +12,7 @@ from eagle_tui.cli import common
 
 
 def demo_config(quick: bool, workdir: str, data_file: str):
-    """The demo on the embedded defaults, sized for a 2-core CPU (16-19 min measured, --quick about 2).
+    """The demo on the embedded defaults, sized for a 2-core CPU (15-16 min measured, --quick about 2).
 
     `data_file` holds short ShareGPT conversations: the first `dataset.heldout` are held out (a few
     choose the checkpoint, the rest measure τ), the `dataset.limit` after them train the draft.
@@ -196,7 +196,7 @@ def register(app: typer.Typer) -> None:
         """The whole pipeline on CPU with the embedded SmolLM2-135M-Instruct and ShareGPT samples.
 
         Writes WORKDIR/demo.yaml (the same file `eagle run` reads) and runs it; re-running continues
-        where an earlier demo stopped (the demo always resumes). About 16-19 minutes on 2 cores
+        where an earlier demo stopped (the demo always resumes). About 15 minutes on 2 cores
         (--quick about 2).
         """
         from core.runconfig import RunConfig
