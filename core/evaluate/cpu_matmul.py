@@ -1,8 +1,9 @@
 """Faster small-batch linears on CPU for speculative decoding's verify and draft steps.
 
-On CPU, `F.linear` (x @ W^T) with 2..16 rows runs through a GEMM path that is several times slower
-per row than the one-row GEMV: on this 2-core AVX-512 machine a 4-token verify of SmolLM2-135M took
-81 ms against 50 ms for one token, which alone made speculative decoding slower than plain decoding.
+On CPU, `F.linear` (x @ W^T) with 2..4 rows runs through a GEMM path that is much slower per row
+than the one-row GEMV: on this 2-core AVX-512 machine a 4-token forward of SmolLM2-135M took 1.57x
+the time of a 1-token one (bench/cpu_matmul.py), which alone made speculative decoding (k=3: a
+4-token verify) slower than plain decoding; computed as below it takes 1.04x.
 The same product computed as W @ x^T picks a faster kernel for these shapes (the 49152x576 output
 head: 35 ms -> 9 ms for 2 rows), and a one-row product with a large weight is faster padded to two
 rows. `fast_cpu_linears(*modules)` swaps the forward of every plain `nn.Linear` under the modules
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 16  # above this the GEMM path is as fast per row
+MAX_ROWS = 4  # measured faster up to here; 5-8 rows were mixed (0.89-1.10x), so they keep F.linear
 PAD_ONE_ROW_NUMEL = 4_000_000  # one row is padded to two only for big weights (output heads)
 
 
@@ -43,7 +44,7 @@ def _fast_forward(layer: nn.Linear):
 
 @contextlib.contextmanager
 def fast_cpu_linears(*modules: Any, enabled: bool = True) -> Iterator[int]:
-    """Within the block, plain `nn.Linear`s under `modules` on CPU use the faster small-batch
+    """Within the block, plain `nn.Linear`s under `modules` on CPU use the faster 2..MAX_ROWS-row
     product; yields how many were swapped (0 when disabled or nothing is on CPU)."""
     swapped: list[nn.Linear] = []
     if enabled:
