@@ -117,6 +117,18 @@ def full_disk_error(exc: BaseException, default_path: str | os.PathLike) -> Disk
     return DiskFullError(str(path), free, mount_point(where), named=bool(named))
 
 
+@contextlib.contextmanager
+def raising_disk_full(default_path: str | os.PathLike) -> Iterator[None]:
+    """A stage's entry: any full disk inside the block (this process, or a worker's report) leaves
+    as DiskFullError naming the file (else `default_path`) and the free space."""
+    try:
+        yield
+    except Exception as e:
+        if first_full_disk(e) is not None and not isinstance(e, DiskSpaceError):
+            raise full_disk_error(e, default_path) from e
+        raise
+
+
 def mount_point(path: str | os.PathLike) -> str:
     """The mount point of the file system holding `path` (what a user frees space on)."""
     p = Path(path).absolute()

@@ -15,8 +15,8 @@ on CPU, with float32 (greedy text identical to the HF target; bf16 was 1.17x fas
 KV cache (VLLM_CPU_KVCACHE_SPACE GiB). Its default thread binding ("auto": one OMP thread per core)
 is kept: "nobind" was 10x slower on 2 cores. On small hosts (<= SMALL_HOST_CPUS cores) it runs in one
 process with no core reserved for the scheduler (`vllm_cpu_env`, `--distributed-executor-backend
-uni`): on 2 cores that gave regeneration 1.2x the throughput, one request at a time 1.3-1.6x the
-tokens/s, and a start in 25-32 s instead of 39-44. Values the caller sets win.
+uni`): on 2 cores that gave regeneration 1.2x the throughput and a start in 25-32 s instead of
+39-44. Values the caller sets win.
 
 Readiness: SGLang and vLLM answer GET /v1/models once the model is loaded. `transformers serve`
 loads a pinned model before it starts listening, but its /v1/models scans the hub cache and

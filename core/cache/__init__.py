@@ -19,12 +19,8 @@ def build_cache(cfg: CacheConfig, events: Any = None) -> CacheResult:
     from core import disk
     from core.cache.build import build_cache as _build
 
-    try:
+    with disk.raising_disk_full(cfg.output_dir):  # in the parent or in a worker: the same error
         return _build(cfg, events)
-    except Exception as e:  # a full disk in the parent or in a worker reads the same: file, free space
-        if disk.first_full_disk(e) is not None and not isinstance(e, disk.DiskSpaceError):
-            raise disk.full_disk_error(e, cfg.output_dir) from e
-        raise
 
 
 def __getattr__(name: str) -> Any:

@@ -3,10 +3,9 @@
 On CPU, `F.linear` (x @ W^T) with 2..4 rows runs through a GEMM path that is much slower per row
 than the one-row GEMV: on this 2-core AVX-512 machine a 4-token forward of SmolLM2-135M took 1.57x
 the time of a 1-token one (bench/cpu_matmul.py), which alone made speculative decoding (k=3: a
-4-token verify) slower than plain decoding; computed as below it takes 1.04x.
-The same product computed as W @ x^T picks a faster kernel for these shapes (the 49152x576 output
-head: 35 ms -> 9 ms for 2 rows), and a one-row product with a large weight is faster padded to two
-rows. `fast_cpu_linears(*modules)` swaps the forward of every plain `nn.Linear` under the modules
+4-token verify) slower than plain decoding. The same product computed as W @ x^T picks a faster
+kernel for these shapes (1.04x; the 49152x576 output head alone: 35 ms -> 9 ms for 2 rows), and a
+one-row product with a large weight is faster padded to two rows. `fast_cpu_linears(*modules)` swaps the forward of every plain `nn.Linear` under the modules
 for the time of a `with` block; results equal `F.linear`'s up to float rounding (summation order).
 """
 
@@ -29,7 +28,9 @@ def _fast_forward(layer: nn.Linear):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not (2 <= rows <= MAX_ROWS or (rows == 1 and pad_one)):
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        fast_shape = 2 <= rows <= MAX_ROWS or (rows == 1 and pad_one)
+        if x.device.type != "cpu" or training or not fast_shape:
             return F.linear(x, weight, bias)
         flat = x.reshape(rows, x.shape[-1])
         if rows == 1:

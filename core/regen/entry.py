@@ -70,11 +70,8 @@ def regenerate(cfg: RegenConfig, events: EventSink | None = None) -> RegenResult
     """The one public entry of the regen stage (see the module docstring)."""
     had_lock = locking.is_held(cfg.output_dir)
     try:
-        return _regenerate(cfg, events)
-    except Exception as e:
-        if disk.first_full_disk(e) is not None and not isinstance(e, disk.DiskSpaceError):
-            raise disk.full_disk_error(e, cfg.output_dir) from e
-        raise
+        with disk.raising_disk_full(cfg.output_dir):
+            return _regenerate(cfg, events)
     finally:
         if not had_lock:
             locking.release(cfg.output_dir)
