@@ -157,3 +157,27 @@ async def test_quit_while_running_asks_then_stops_the_job(tmp_path):
         await pilot.press("y")
         await wait_for(lambda: not job.active, "job stopped")(pilot)
     assert job.status == "cancelled" and not group_alive(job.pgid)
+
+
+async def test_curves_take_updates_before_their_rows_are_composed():
+    """CI once failed here: a second job update reached rows remounted by the first before their
+    sparklines existed (NoMatches). Updates in the same tick must be kept and drawn."""
+    from textual.app import App
+
+    from eagle_tui.widgets.curves import Curves
+
+    class One(App):
+        def compose(self):
+            yield Curves()
+
+    app = One()
+    async with app.run_test(size=SIZE) as pilot:
+        curves = app.query_one(Curves)
+        first = {"train": {"loss": [(1, 3.0)]}}
+        second = {"train": {"loss": [(1, 3.0), (2, 2.5)]}}
+        curves.show(first)  # mounts the row
+        curves.show(second)  # the row exists, its children not yet
+        await pilot.pause()
+        await pilot.pause()
+        row = app.query_one(CurveRow)
+        assert str(row.query_one(".curve-value").render()) == "2.5 @2"

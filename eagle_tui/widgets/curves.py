@@ -55,16 +55,28 @@ class CurveRow(Horizontal):
     def __init__(self, key: str, label: str) -> None:
         super().__init__(classes="curve")
         self.key, self.label = key, label
+        self.points: list[tuple[int, float]] = []
 
     def compose(self) -> ComposeResult:
         yield Label(self.label, classes="curve-label")
         yield Sparkline([], classes="curve-line")
         yield Label("", classes="curve-value")
 
+    def on_mount(self) -> None:
+        self._draw()
+
     def show(self, points: list[tuple[int, float]]) -> None:
-        values = [v for _, v in points[-MAX_POINTS:]]
-        self.query_one(Sparkline).data = values
-        step, last = points[-1]
+        # a job update can arrive between this row's mount and its children's: keep the points and
+        # draw them once the sparkline exists
+        self.points = points
+        self._draw()
+
+    def _draw(self) -> None:
+        lines = self.query(Sparkline)
+        if not self.points or not lines:
+            return
+        lines.first().data = [v for _, v in self.points[-MAX_POINTS:]]
+        step, last = self.points[-1]
         self.query_one(".curve-value", Label).update(f"{last:.4g} @{step}")
 
 
@@ -82,7 +94,10 @@ class Curves(Vertical):
         self.remove_children()
         self.mount(Static("no training metrics yet", classes="curves-empty"))
 
+    latest: dict = {}
+
     def show(self, metrics: dict[str, dict[str, list[tuple[int, float]]]]) -> None:
+        self.latest = metrics
         wanted = []
         for split in sorted(metrics, key=lambda s: (s != "train", s)):
             for name in sorted(metrics[split], key=metric_order):
@@ -94,8 +109,8 @@ class Curves(Vertical):
             # remount all rows so they stay in order (val metrics may arrive before train ones)
             self.remove_children()
             self.mount_all([CurveRow(key, label) for key, label, _ in wanted])
-            # refresh once the new rows are mounted
-            self.call_after_refresh(self.show, metrics)
+            # refresh once the new rows are mounted, with whatever is newest by then
+            self.call_after_refresh(lambda: self.show(self.latest))
             return
         for key, _, points in wanted:
             rows[key].show(points)
