@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.evaluate.cpu_matmul import MAX_ROWS, PAD_ONE_ROW_NUMEL, fast_cpu_linears
+from core.evaluate.cpu_matmul import MAX_ROWS, fast_cpu_linears
 
 
 class Scaled(nn.Linear):  # a subclass with its own meaning: must keep its forward
@@ -20,7 +20,7 @@ class Scaled(nn.Linear):  # a subclass with its own meaning: must keep its forwa
 def test_same_values_as_linear_for_every_row_count(rows, bias):
     torch.manual_seed(rows)
     small = nn.Linear(64, 48, bias=bias)
-    big = nn.Linear(64, PAD_ONE_ROW_NUMEL // 64 + 1, bias=bias)  # the padded one-row path
+    big = nn.Linear(64, 4096, bias=bias)
     x = torch.randn(1, rows, 64)
     with torch.no_grad(), fast_cpu_linears(small, big) as n:
         assert n == 2
@@ -28,6 +28,8 @@ def test_same_values_as_linear_for_every_row_count(rows, bias):
     for layer, y in zip((small, big), got):
         ref = F.linear(x, layer.weight, layer.bias)
         assert y.shape == ref.shape
+        # contiguous like F.linear's: a strided result sent attention queries down SDPA's slow path
+        assert y.is_contiguous()
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 

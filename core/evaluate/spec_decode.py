@@ -98,6 +98,15 @@ def crop_cache(cache: Any, keep: int) -> None:
         raise UsageError(f"target KV cache holds {cache.get_seq_length()} positions, fewer than {keep}")
 
 
+def _top1_margin(logits: torch.Tensor) -> tuple[int, float]:
+    """(argmax, logit(top1) - logit(top2)). Not torch.topk: on CPU it took 1.7 ms per token inside
+    the decode loop (3% of a SmolLM2 forward), which would slow the baseline of a measured speedup."""
+    tok = int(logits.argmax())
+    rest = logits.clone()
+    rest[tok] = float("-inf")
+    return tok, float(logits[tok] - rest.max())
+
+
 @torch.no_grad()
 def greedy_generate(model: Any, prompt_ids: torch.Tensor, max_new_tokens: int,
                     eos_ids: set[int]) -> GreedyResult:
@@ -108,10 +117,9 @@ def greedy_generate(model: Any, prompt_ids: torch.Tensor, max_new_tokens: int,
     logits = out.logits[0, -1].float()
     tokens, times, margins = [], [], []
     while True:
-        top = torch.topk(logits, 2)
-        tok = int(top.indices[0])
+        tok, margin = _top1_margin(logits)
         tokens.append(tok)
-        margins.append(float(top.values[0] - top.values[1]))
+        margins.append(margin)
         if tok in eos_ids or len(tokens) >= max_new_tokens:
             break
         _sync(dev)
