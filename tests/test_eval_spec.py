@@ -170,6 +170,27 @@ def test_fast_cpu_matmul_changes_no_token(trained):
     assert [p["generated_tokens"] for p in fast["prompts"]] == [p["generated_tokens"] for p in plain["prompts"]]
 
 
+def test_compare_k_measures_each_k_like_its_own_run(trained):
+    """--compare-k decodes every prompt at each other k against the same greedy reference: each k's
+    τ is exactly what a run at that k alone counts, and the fastest k is one of them."""
+    from core.evaluate import EvalConfig, evaluate
+
+    root, target, run, data, _ = trained
+    kw = dict(target=str(target), draft=str(run), data=str(data), num_prompts=3, max_new_tokens=24)
+    both = evaluate(EvalConfig(num_draft_tokens=3, compare_k="1,3", **kw))  # the main k listed again
+    alone = evaluate(EvalConfig(num_draft_tokens=1, **kw))
+    s = both["summary"]
+    assert [r["k"] for r in s["by_k"]] == [1, 3] and s["fastest_k"] in (1, 3) and s["lossless"]
+    assert s["by_k"][1]["tau"] == s["tau"] and s["by_k"][1]["accept_rate"] == s["accept_rate"]
+    assert s["by_k"][0]["tau"] == alone["summary"]["tau"]
+    assert s["by_k"][0]["accept_rate"] == alone["summary"]["accept_rate"]
+    assert all(r["measured_speedup"] > 0 for r in s["by_k"])
+    assert "by k, measured here" in both["text"] and f"fastest here: k={s['fastest_k']}" in both["text"]
+    assert "by_k" not in alone["summary"]
+    with pytest.raises(UsageError, match="--compare-k: every k must be >= 1"):
+        EvalConfig(compare_k="1,0", **kw)
+
+
 def test_eval_bad_inputs(trained, tmp_path):
     from core.evaluate import EvalConfig, evaluate
 

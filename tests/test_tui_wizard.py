@@ -189,6 +189,16 @@ async def test_serve_pane_eval_toggle_and_serve_rule(tmp_path):
         command = " ".join(str(w.query_one("#serve-command", Static).render()).split())
         assert command.startswith("Serve with vLLM (chosen): vllm serve")
         assert '"num_speculative_tokens": 3' in command
+        # other draft lengths to measure: a comma list into eval.compare_k, a bad one refused
+        w.query_one("#f-eval-enabled-control", Switch).value = True
+        await pilot.pause()
+        await set_input(pilot, "f-eval-compare_k", "1,2")
+        assert app.config.eval.compare_k == [1, 2]
+        await set_input(pilot, "f-eval-compare_k", "1,0")
+        # typed key by key: "1" and "1," were valid on the way, "1,0" is refused and not kept
+        assert w.query_one("#f-eval-compare_k", FieldRow).error and app.config.eval.compare_k == [1]
+        await set_input(pilot, "f-eval-compare_k", "")
+        assert app.config.eval.compare_k == []
 
 
 async def test_save_writes_the_yaml_eagle_run_reads_and_open_loads_it(tmp_path):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from core.errors import InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, Progress, RateMeter, StageFinished, StageStarted
@@ -35,9 +35,25 @@ class EvalSettings(Settings):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts are skipped.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
-    fast_cpu_matmul: bool = Field(True, description="On CPU, compute the 2-4 token products of verify "
-                                  "and drafting as W @ x^T (a 4-token forward 1.6x faster here); "
-                                  "the same tokens, float rounding aside.")
+    fast_cpu_matmul: bool = Field(True, description="On CPU, compute the 1-4 token products of decoding, "
+                                  "verify and drafting as W @ x^T, one row padded to two (a 4-token "
+                                  "forward 1.6x faster here); the same tokens, float rounding aside.")
+    compare_k: list[int] = Field([], description="Other draft lengths to measure on the same prompts, "
+                                 "e.g. 1,2: τ and wall-clock speedup per k, each prompt decoded with "
+                                 "every k right after its greedy reference; the report names the "
+                                 "fastest k here.")
+
+    @field_validator("compare_k", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return [x for x in str(v).replace(" ", "").split(",") if x] if isinstance(v, (str, int)) else v
+
+    @field_validator("compare_k")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every k must be >= 1 (got {','.join(map(str, v))})")
+        return v
 
 
 class EvalConfig(EvalSettings):
@@ -162,12 +178,20 @@ def _check_compatible(draft: Any, target: Any) -> None:
         raise UsageError("the draft does not belong to this target: " + "; ".join(problems))
 
 
+def first_difference(ref: list[int], got: list[int]) -> int | None:
+    """The first token index where `got` leaves the target's greedy `ref`; None when equal."""
+    diff = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+    if diff is None and len(ref) != len(got):
+        diff = min(len(ref), len(got))
+    return diff
+
+
 def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from core.evaluate.cpu_matmul import fast_cpu_linears
-    from core.evaluate.report import DEFINITIONS, aggregate, render_summary
+    from core.evaluate.report import DEFINITIONS, aggregate, by_k, render_summary
     from core.evaluate.spec_decode import AuxCapture, greedy_generate, speculative_generate
 
     events = events or NullSink()
@@ -194,6 +218,8 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
                         settings={"k": cfg.num_draft_tokens, "device": str(device)}))
     meter = RateMeter(total=len(prompts))
     rows: list[dict[str, Any]] = []
+    other_k: dict[int, list[dict[str, Any]]] = {k: [] for k in dict.fromkeys(cfg.compare_k)
+                                                if k != cfg.num_draft_tokens}
     with contextlib.closing(capture), fast_cpu_linears(target, draft, enabled=cfg.fast_cpu_matmul):
         for n, (index, sha, ids) in enumerate(prompts):
             x = torch.tensor([ids], device=device)
@@ -202,9 +228,13 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
             ref_wall = time.perf_counter() - t0
             spec = speculative_generate(target, draft, capture, x, cfg.num_draft_tokens,
                                         cfg.max_new_tokens, eos)
-            diff = next((i for i, (a, b) in enumerate(zip(ref.tokens, spec.tokens)) if a != b), None)
-            if diff is None and len(ref.tokens) != len(spec.tokens):
-                diff = min(len(ref.tokens), len(spec.tokens))
+            diff = first_difference(ref.tokens, spec.tokens)
+            for k, runs in other_k.items():  # right after this prompt's reference: the same conditions
+                other = speculative_generate(target, draft, capture, x, k, cfg.max_new_tokens, eos)
+                runs.append({"accepted_drafts": other.accepted_drafts, "generated_tokens": len(other.tokens),
+                             "spec_wall_s": other.wall_s, "reference_tokens": len(ref.tokens),
+                             "reference_wall_s": ref_wall,
+                             "lossless": first_difference(ref.tokens, other.tokens) is None})
             row = {"index": index, "prompt_sha256": sha,
                    "trained_on": (sha in trained) if record is not None else None, "prompt_tokens": len(ids), "generated_tokens": len(spec.tokens),
                    "reference_tokens": len(ref.tokens), "iterations": len(spec.accept_lengths),
@@ -228,6 +258,10 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
                             rate=meter.rate(n + 1), eta_s=meter.eta(n + 1),
                             extra={"tau": row["tau"], "lossless": row["lossless"]}))
     summary = aggregate(rows, cfg.num_draft_tokens)
+    if other_k:
+        summary["by_k"] = by_k(rows, cfg.num_draft_tokens, other_k)
+        summary["fastest_k"] = max(summary["by_k"], key=lambda r: r["measured_speedup"] or 0)["k"]
+        summary["lossless"] = all(r["lossless"] for r in summary["by_k"])
     summary["prompt_set"] = {"data": cfg.data, "count": len(rows),
                              "held_out": (len(rows) - len(trained)) if record is not None else None,
                              "trained_on": len(trained) if record is not None else None,

@@ -29,6 +29,8 @@ DEFINITIONS = {
     "cost_ratio": "one single-position draft step time / one single-token target decode forward time",
     "implied_speedup": "tau / (1 + k * cost_ratio)",
     "measured_speedup": "speculative tokens/s / plain greedy tokens/s, wall clock on this machine",
+    "by_k": "tau and measured speedup at each k of --compare-k (and the main k), the same prompts and "
+            "greedy references; fastest_k is the k with the highest measured speedup",
 }
 
 
@@ -91,6 +93,20 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     }
 
 
+def by_k(rows: list[dict[str, Any]], k: int, others: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """τ, acceptance and measured speedup of the main k (rows) and of every other k, in k order; all
+    against the same greedy references."""
+    out = []
+    for kk, runs in sorted({k: rows, **others}.items()):
+        acc = acceptance([n for r in runs for n in r["accepted_drafts"]], kk)
+        spec_tps = sum(r["generated_tokens"] for r in runs) / max(1e-9, sum(r["spec_wall_s"] for r in runs))
+        base_tps = sum(r["reference_tokens"] for r in runs) / max(1e-9, sum(r["reference_wall_s"] for r in runs))
+        out.append({"k": kk, "tau": acc["tau"], "accept_rate": acc["accept_rate"],
+                    "measured_speedup": spec_tps / base_tps if runs else None,
+                    "lossless": all(r["lossless"] for r in runs)})
+    return out
+
+
 def prompt_set_label(ps: dict[str, Any] | None) -> str:
     """"12 held out", "3 of 12 trained on: not held out", or "training data unknown"."""
     if not ps or ps.get("held_out") is None:
@@ -116,8 +132,13 @@ def render_summary(report: dict[str, Any]) -> str:
         f"speedup measured here (wall clock, our transformers loop) {f(s['measured_speedup'], '{:.2f}')}x "
         f"({f(s['spec_tokens_per_s'], '{:.1f}')} vs {f(s['greedy_tokens_per_s'], '{:.1f}')} tokens/s); "
         f"implied tau/(1+k*c) {f(s['implied_speedup'], '{:.2f}')}x",
+        *([("by k, measured here on the same prompts: " + "; ".join(
+            f"k={r['k']} τ {f(r['tau'])} {f(r['measured_speedup'], '{:.2f}')}x"
+            + ("" if r["lossless"] else " NOT lossless") for r in s["by_k"])
+            + f"; fastest here: k={s['fastest_k']}")] if s.get("by_k") else []),
         "lossless: " + ("ok on every prompt" if s["lossless"] else
-                        f"FAILED on {s['lossless_failures']} prompt(s)"),
+                        f"FAILED on {s['lossless_failures']} prompt(s)" if s["lossless_failures"] else
+                        "FAILED at another k (see by k)"),
     ]
     for p in report["prompts"]:
         if not p["lossless"]:
