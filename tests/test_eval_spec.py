@@ -189,6 +189,14 @@ def test_compare_k_measures_each_k_like_its_own_run(trained):
     assert "by_k" not in alone["summary"]
     with pytest.raises(UsageError, match="--compare-k: every k must be >= 1"):
         EvalConfig(compare_k="1,0", **kw)
+    # the command line: the list as comma text, a bad one refused with exit 2 and no report
+    from eagle_tui.cli import main
+
+    args = ["eval", "--target", str(target), "--draft", str(run), "--data", str(data), "--num-prompts", "1",
+            "--max-new-tokens", "4", "--output", str(root / "ck.json")]
+    assert main([*args, "--compare-k", "1,0"]) == 2 and not (root / "ck.json").exists()
+    assert main([*args, "--compare-k", "2"]) == 0
+    assert [r["k"] for r in json.loads((root / "ck.json").read_text())["summary"]["by_k"]] == [2, 3]
 
 
 def test_eval_bad_inputs(trained, tmp_path):

@@ -46,7 +46,9 @@ class EvalSettings(Settings):
 
     @field_validator("compare_k", mode="before")
     @classmethod
-    def _comma_list(cls, v: Any) -> Any:
+    def _comma_list(cls, v: Any) -> Any:  # the CLI hands "1,2", or None when the option is not given
+        if v is None:
+            return []
         return [x for x in str(v).replace(" ", "").split(",") if x] if isinstance(v, (str, int)) else v
 
     @field_validator("compare_k")
