@@ -59,6 +59,15 @@ def acceptance(accepted: list[int], k: int) -> dict[str, Any]:
     }
 
 
+def tokens_per_s(runs: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(speculative, plain greedy) tokens per second of wall clock over the runs of prompts."""
+    def rate(tokens: str, wall: str) -> float | None:
+        seconds = sum(r[wall] for r in runs)
+        return sum(r[tokens] for r in runs) / seconds if seconds > 0 else None
+
+    return rate("generated_tokens", "spec_wall_s"), rate("reference_tokens", "reference_wall_s")
+
+
 def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """prompts: per-prompt dicts with accepted_drafts, accept_lengths, timings, lossless fields."""
     acc = acceptance([n for p in prompts for n in p["accepted_drafts"]], k)
@@ -70,12 +79,7 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     t_draft = _safe_mean(step_times)
     c = (t_draft / t_target) if t_draft is not None and t_target else None
     implied = (tau / (1 + k * c)) if tau is not None and c is not None else None
-    spec_tokens = sum(p["generated_tokens"] for p in prompts)
-    spec_wall = sum(p["spec_wall_s"] for p in prompts)
-    base_tokens = sum(p["reference_tokens"] for p in prompts)
-    base_wall = sum(p["reference_wall_s"] for p in prompts)
-    spec_tps = spec_tokens / spec_wall if spec_wall > 0 else None
-    base_tps = base_tokens / base_wall if base_wall > 0 else None
+    spec_tps, base_tps = tokens_per_s(prompts)
     mismatches = [p for p in prompts if not p["lossless"]]
     return {
         **acc,
@@ -99,10 +103,9 @@ def by_k(rows: list[dict[str, Any]], k: int, others: dict[int, list[dict[str, An
     out = []
     for kk, runs in sorted({k: rows, **others}.items()):
         acc = acceptance([n for r in runs for n in r["accepted_drafts"]], kk)
-        spec_tps = sum(r["generated_tokens"] for r in runs) / max(1e-9, sum(r["spec_wall_s"] for r in runs))
-        base_tps = sum(r["reference_tokens"] for r in runs) / max(1e-9, sum(r["reference_wall_s"] for r in runs))
+        spec_tps, base_tps = tokens_per_s(runs)
         out.append({"k": kk, "tau": acc["tau"], "accept_rate": acc["accept_rate"],
-                    "measured_speedup": spec_tps / base_tps if runs else None,
+                    "measured_speedup": spec_tps / base_tps if spec_tps and base_tps else None,
                     "lossless": all(r["lossless"] for r in runs)})
     return out
 
