@@ -143,6 +143,12 @@ class RunConfig(Settings):
                          "evaluation prompts are held out, never trained on")
         return self
 
+    def changed_settings(self, other: "RunConfig") -> list[str]:
+        """The dotted names of the settings that differ from `other`'s (the workdir aside)."""
+        mine, theirs = self.model_dump(), other.model_dump()
+        return [f"{sec}.{key}" for sec in SECTIONS for key in mine[sec]
+                if mine[sec][key] != theirs[sec].get(key)]
+
     # ---- paths -------------------------------------------------------------------------------
     def step_output_dir(self, step: str) -> Path:
         """Where a step writes; relative paths resolve against `workdir`."""

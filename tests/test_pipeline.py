@@ -175,7 +175,42 @@ def test_demo_writes_a_valid_config(tmp_path):
     rows = (tmp_path / "d" / "demo-quick-conversations.jsonl").read_text().splitlines()
     assert len(rows) == cfg.dataset.limit + cfg.dataset.heldout
     assert cfg.dataset.heldout == cfg.train.select_prompts + cfg.eval.num_prompts
+    # it trains for the depth it drafts, and prints serving commands at the k it measured
+    assert cfg.train.ttt_length == cfg.eval.num_draft_tokens == cfg.serve.num_steps
     assert all(sum(len(m["content"]) for m in json.loads(x)["messages"]) <= 1200 for x in rows)
+
+
+def test_demo_redoes_the_steps_whose_settings_changed_and_keeps_their_output(tmp_path, capsys):
+    """A demo workdir from a version with other demo settings: the first changed step and the ones
+    after it are set aside (renamed, nothing deleted) so the demo runs instead of refusing to resume."""
+    from eagle_tui.cli.run_cmd import _set_aside_stale_steps, demo_config
+
+    cfg = demo_config(False, str(tmp_path / "full"), str(tmp_path / "c.jsonl"))
+    saved = tmp_path / "demo-full.yaml"
+    cfg.save(saved)
+    for step in ("regen", "cache", "train", "export"):
+        (cfg.step_output_dir(step) / "f").mkdir(parents=True)
+    _set_aside_stale_steps(saved, cfg)  # the same settings: everything resumes
+    assert sorted(p.name for p in (tmp_path / "full").iterdir() if not p.name.startswith(".")) == \
+        ["cache", "export", "regen", "run"]
+
+    old = cfg.model_copy(deep=True)
+    old.train.lr = cfg.train.lr / 2  # an earlier version's demo
+    old.save(saved)
+    _set_aside_stale_steps(saved, cfg)
+    names = sorted(p.name for p in (tmp_path / "full").iterdir() if not p.name.startswith("."))
+    assert names[:2] == ["cache", "export.before-" + names[1].split("before-")[1]] and names[2] == "regen"
+    assert names[3].startswith("run.before-") and len(names) == 4  # kept, with their files
+    assert all((tmp_path / "full" / n / "f").is_dir() for n in names)
+    assert "train.lr" in capsys.readouterr().out
+
+    old.features.topk = 32  # a cache setting: the cache and everything after it
+    old.save(saved)
+    for step in ("train", "export"):
+        cfg.step_output_dir(step).mkdir()
+    _set_aside_stale_steps(saved, cfg)
+    assert [p.name for p in (tmp_path / "full").iterdir() if p.name in ("regen", "cache", "run", "export")] == \
+        ["regen"]
 
 
 def test_engine_bench_without_an_engine_is_skipped_with_a_note(tmp_path, tiny_target, monkeypatch):

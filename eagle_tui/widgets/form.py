@@ -18,18 +18,26 @@ from textual.widgets import Input, Label, Select, Static, Switch
 URL_RE = re.compile(r"^https?://[^\s/]+")
 
 
-def field_bounds(path: str, integer: bool) -> tuple[float | None, float | None]:
-    """(minimum, maximum) of a RunConfig setting, read from its model in core (the one place bounds
-    live); an exclusive float bound is shown as the limit and refused by the config check."""
+def _setting(path: str) -> tuple[Any, Any]:
+    """(the model that holds a RunConfig setting, the setting's field info), or (None, None)."""
     from core.runconfig import RunConfig
 
     model: Any = RunConfig
-    info = None
+    owner, info = None, None
     for part in path.split("."):
         info = getattr(model, "model_fields", {}).get(part)
         if info is None:
             return None, None
-        model = info.annotation
+        owner, model = model, info.annotation
+    return owner, info
+
+
+def field_bounds(path: str, integer: bool) -> tuple[float | None, float | None]:
+    """(minimum, maximum) of a RunConfig setting, read from its model in core (the one place bounds
+    live); an exclusive float bound is shown as the limit and refused by the config check."""
+    _, info = _setting(path)
+    if info is None:
+        return None, None
     lo = hi = None
     for m in info.metadata:
         if getattr(m, "ge", None) is not None:
@@ -41,6 +49,28 @@ def field_bounds(path: str, integer: bool) -> tuple[float | None, float | None]:
         if getattr(m, "lt", None) is not None:
             hi = m.lt - 1 if integer else m.lt
     return lo, hi
+
+
+def parse_setting(path: str, text: str) -> Any:
+    """`text` validated and converted by the setting's own model in core (its validators are the one
+    place the rules live); raises ValueError with the model's message."""
+    from pydantic import ValidationError
+
+    owner, _ = _setting(path)
+    field = path.rsplit(".", 1)[-1]
+    try:  # validate_assignment runs exactly this field's validators on a value-less instance
+        done = owner.__pydantic_validator__.validate_assignment(owner.model_construct(), field, text)
+    except ValidationError as e:
+        raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return getattr(done, field)
+
+
+def setting_problem(path: str, text: str) -> str | None:
+    try:
+        parse_setting(path, text)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def get_path(obj: Any, path: str) -> Any:
@@ -74,8 +104,9 @@ class FieldChanged(Message):
 class FieldRow(Horizontal):
     """One labelled control bound to a config path.
 
-    kind: str | optstr | int | optint | float | urls | choice | bool. Number bounds come from the
-    setting's model unless given.
+    kind: str | optstr | int | optint | float | urls | choice | bool | list. Number bounds come from the
+    setting's model unless given; a `list` (comma-separated, empty allowed) is checked and converted
+    by the setting's model.
     """
 
     DEFAULT_CSS = """
@@ -108,7 +139,7 @@ class FieldRow(Horizontal):
             yield Switch(id=self.id + "-control", classes="field-control")
         else:
             yield FormInput(placeholder=self.placeholder, validators=self._validators(),
-                            valid_empty=self.kind in ("optint", "optstr", "urls"),
+                            valid_empty=self.kind in ("optint", "optstr", "urls", "list"),
                             id=self.id + "-control", classes="field-control", compact=True)
         yield Static(self.hint, classes="field-hint", id=self.id + "-hint")
 
@@ -125,9 +156,10 @@ class FieldRow(Horizontal):
                               "each server must be an http:// or https:// URL"))
         elif self.kind == "str":
             v.append(Function(lambda s: bool(s.strip()), "must not be empty"))
+        elif self.kind == "list":
+            v.append(_CheckValidator(lambda s: setting_problem(self.path, s)))
         if self.check is not None:
-            check = self.check
-            v.append(_CheckValidator(check))
+            v.append(_CheckValidator(self.check))
         return v
 
     def _range_text(self, what: str) -> str:
@@ -154,6 +186,8 @@ class FieldRow(Horizontal):
                 c.value = bool(value)
             elif self.kind == "urls":
                 c.value = ", ".join(value or [])
+            elif self.kind == "list":
+                c.value = ",".join(map(str, value or []))
             elif value is None:
                 c.value = ""
             elif self.kind == "float":
@@ -173,6 +207,8 @@ class FieldRow(Horizontal):
             return float(s)
         if self.kind == "urls":
             return split_urls(s)
+        if self.kind == "list":
+            return parse_setting(self.path, s)
         if self.kind == "optstr":
             return s or None
         return s

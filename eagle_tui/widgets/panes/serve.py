@@ -26,10 +26,8 @@ class ServePane(Pane):
         yield FieldRow("eval.num_draft_tokens", "Draft tokens", "int",
                        hint="proposed per verification step")
         yield FieldRow("eval.max_new_tokens", "Max new tokens", "int")
-        yield FieldRow("eval.compare_k", "Compare k", "optstr", placeholder="e.g. 1,2",
-                       hint="other draft lengths measured on the same prompts", check=_k_list_problem,
-                       to_cfg=lambda s: [int(x) for x in (s or "").split(",") if x.strip()],
-                       from_cfg=lambda v: ",".join(map(str, v)) or None)
+        yield FieldRow("eval.compare_k", "Compare k", "list", placeholder="e.g. 1,2",
+                       hint="other draft lengths measured on the same prompts")
         yield FieldRow("export.format", "Export format", "choice", choices=[
             ("SGLang / vLLM (EAGLE-3 checkpoint)", "sglang"), ("speculators", "speculators")])
         yield FieldRow("export.output_dir", "Export folder", "optstr", placeholder="WORKDIR/export")
@@ -66,10 +64,3 @@ def serve_command_text(cfg: Any) -> Text:
                    style="bold")
         out.append(cmd, style="green" if not cmd.startswith("(") else "italic yellow")
     return out
-
-
-def _k_list_problem(text: str) -> str | None:
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    if not all(x.isdigit() and int(x) >= 1 for x in parts):
-        return "comma-separated whole numbers >= 1, e.g. 1,2"
-    return None
