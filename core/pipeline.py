@@ -163,13 +163,24 @@ def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dic
     if resume and meta_file.is_file():
         ckpt = find_checkpoint(run)
         done = json.loads(meta_file.read_text()).get("produced_by", {})
-        if ckpt is not None and done.get("source") == str(Path(ckpt).resolve()):
+        if ckpt is not None and _exported_from(done, Path(ckpt)):
             events(Log(stage="export", message=f"{out} already holds the export of {ckpt.name}"))
             return {"output_dir": str(out), "format": cfg.export.format, "reused": True}
     result = export_draft(ExportConfig(**ExportSettings.knobs(cfg.export), source=str(run),
                                        output_dir=str(out), target=target), events)
     return {"output_dir": result.output_dir, "format": result.format,
             "aux_layer_ids": result.meta.get("aux_layer_ids")}
+
+
+def _exported_from(produced_by: dict[str, Any], ckpt: Path) -> bool:
+    """Whether an export holds this checkpoint's weights: by their sha256 (a moved workdir keeps its
+    export; a run trained again at the same path does not), or by path for older exports."""
+    if "weights_sha256" in produced_by:
+        from core.manifest import sha256_file
+        from core.train.checkpoint import DRAFT_FILE
+
+        return produced_by["weights_sha256"] == sha256_file(ckpt / DRAFT_FILE)
+    return produced_by.get("source") == str(ckpt.resolve())
 
 
 def _engine_bench(cfg: RunConfig, target: str, events: EventSink) -> dict[str, Any]:

@@ -119,6 +119,21 @@ def test_eagle_run_whole_pipeline_then_resume_and_refuse(tmp_path, tiny_target):
     assert regen_done["summary"]["requested"] == 0
     assert any(e["event"] == "log" and "already holds the export" in e["message"] for e in ev3)
 
+    # a moved workdir with its dataset resumes the same way: each step knows its input by content
+    import shutil
+
+    (work / "run" / ".eagle.lock").unlink(missing_ok=True)
+    work.rename(tmp_path / "moved")
+    cfg.workdir = str(tmp_path / "moved")
+    cfg.dataset.source = str(shutil.copy(tmp_path / "chats.jsonl", tmp_path / "moved-chats.jsonl"))
+    cfg.save(tmp_path / "moved.yaml")
+    r4 = _eagle("--events", "jsonl", "run", str(tmp_path / "moved.yaml"), "--resume", "--steps", "regen,train,export")
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    ev4 = [json.loads(line) for line in r4.stdout.splitlines() if line.startswith("{")]
+    assert next(e for e in ev4 if e["event"] == "stage_finished" and e["stage"] == "regen")["summary"]["requested"] == 0
+    assert any(e["event"] == "log" and "nothing to do" in e["message"] for e in ev4)
+    assert any(e["event"] == "log" and "already holds the export" in e["message"] for e in ev4)
+
 
 def test_plan_measures_the_dataset_and_budgets_each_step(tmp_path, tiny_target):
     cfg = _config(tmp_path, tiny_target, regen=False)

@@ -285,6 +285,45 @@ def test_resume_after_torn_journal_and_lost_shard(tmp_path, fault):
     assert any("torn" in getattr(e, "message", "") for e in sink.events)
 
 
+def test_a_moved_workdir_resumes_and_other_conversations_are_refused(tmp_path, fault):
+    """The input is known by its conversations, not its path: a workdir moved with its dataset file
+    resumes without a request; other conversations under the moved name are refused."""
+    import os
+
+    from core.manifest import load_manifest
+
+    old = tmp_path / "old"
+    old.mkdir()
+    inp = write_conversations(old / "in.jsonl", [f"q{i}" for i in range(10)])
+    regenerate(make_cfg(old, inp, [fault.url]))
+    first, _ = read_output(old / "out")
+    os.rename(old, tmp_path / "new")
+    new = tmp_path / "new"
+    n = len(fault.requests)
+    res = regenerate(make_cfg(new, str(new / "in.jsonl"), [fault.url], resume=True))
+    assert res.requested == 0 and len(fault.requests) == n and read_output(new / "out")[0] == first
+    assert load_manifest(new / "out").extra["input_path"] == str(new / "in.jsonl")
+
+    write_conversations(new / "in.jsonl", [f"other{i}" for i in range(10)])
+    with pytest.raises(SettingsMismatchError, match="input content"):
+        regenerate(make_cfg(new, str(new / "in.jsonl"), [fault.url], resume=True))
+    assert len(fault.requests) == n and read_output(new / "out")[0] == first
+
+
+def test_an_older_run_that_recorded_the_input_path_still_resumes_where_it_was(tmp_path, fault):
+    from core.manifest import load_manifest
+
+    inp = write_conversations(tmp_path / "in.jsonl", [f"q{i}" for i in range(6)])
+    cfg = make_cfg(tmp_path, inp, [fault.url])
+    regenerate(cfg)
+    m = load_manifest(tmp_path / "out")
+    m.settings["input"] = str(Path(inp).resolve())  # as versions before 2026-12-03 wrote it
+    m.save(tmp_path / "out")
+    n = len(fault.requests)
+    cfg.resume = True
+    assert regenerate(cfg).requested == 0 and len(fault.requests) == n
+
+
 def test_retry_failed_on_resume_sends_only_the_failed_samples_again(tmp_path, fault):
     specs = [f"q{i}" for i in range(12)]
     specs[2], specs[3], specs[9] = "q2 fault=500x3", "q3 fault=500x2", "q9 fault=400"

@@ -119,6 +119,27 @@ def test_refusals(finished_run, tiny_target, data, tmp_path):
         train(tiny_cfg(tiny_target, other, other_run, max_steps=2, val_fraction=0.0, resume=True))
 
 
+def test_a_moved_run_and_dataset_resume(finished_run, tiny_target, data, tmp_path):
+    """The dataset is known by its content, not its path: a workdir moved or renamed with its data
+    resumes (a run that recorded the path, as older versions did, too); other data is refused."""
+    import shutil
+
+    out, _, _ = finished_run
+    moved, moved_data = tmp_path / "moved-run", tmp_path / "moved.jsonl"
+    shutil.copytree(out, moved)
+    shutil.copy(data, moved_data)
+    assert json.loads((moved / "manifest.json").read_text())["settings"]["data"] == "(by content)"
+    r = train(tiny_cfg(tiny_target, moved_data, moved, max_steps=10, resume=True))
+    assert r.resumed_from == 10 and r.tokens == 0
+    m = json.loads((moved / "manifest.json").read_text())
+    m["settings"]["data"] = str(data.resolve())  # as versions before 2026-12-03 wrote it
+    (moved / "manifest.json").write_text(json.dumps(m))
+    assert train(tiny_cfg(tiny_target, moved_data, moved, max_steps=10, resume=True)).resumed_from == 10
+    write_conversations(moved_data, n=40, seed=1)
+    with pytest.raises(SettingsMismatchError, match="data|vocab"):
+        train(tiny_cfg(tiny_target, moved_data, moved, max_steps=10, resume=True))
+
+
 def test_cli_refusal_is_one_line_with_exit_2(finished_run, tiny_target, data, capsys):
     from eagle_tui.cli import main
 

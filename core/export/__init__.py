@@ -72,15 +72,18 @@ def run_tau_sim(run_dir: Path | None) -> float | None:
 
 def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict]:
     """(draft config dict, state dict, produced_by, recorded target info) of a run / checkpoint."""
+    from core.manifest import sha256_file
     from core.model import Eagle3Draft
-    from core.train.checkpoint import BEST_INFO
+    from core.train.checkpoint import BEST_INFO, DRAFT_FILE
 
     draft, info = Eagle3Draft.from_pretrained(source, which=which, with_info=True)
     cfg = draft.config.to_dict()
     state = {k: v for k, v in draft.state_dict().items()}
     produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
                    "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
-                   "tau_sim": run_tau_sim(info.run_dir), "checkpoint": which}
+                   "tau_sim": run_tau_sim(info.run_dir), "checkpoint": which,
+                   # the weights by content: an export is current for these weights wherever they lie
+                   "weights_sha256": sha256_file(Path(info.checkpoint_dir) / DRAFT_FILE)}
     best = info.run_dir / BEST_INFO if info.run_dir else None
     if best is not None and best.is_file():  # the held-out τ that chose this checkpoint
         b = json.loads(best.read_text())

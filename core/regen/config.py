@@ -116,7 +116,9 @@ class RegenConfig(RegenSettings, DataSelection):
         a resumed run may use other servers or a different concurrency.
         """
         return {
-            "input": _local_or_name(self.input_data), "split": self.split,
+            # a local input is known by its conversations' fingerprint (compared once loaded), not
+            # its path: a moved or renamed workdir keeps its answers; a hub dataset by its name
+            "input": None if os.path.exists(self.input_data) else self.input_data, "split": self.split,
             "messages_column": self.messages_column, "shuffle_seed": self.shuffle_seed,
             "limit": self.limit, "strict": self.strict, "model": _local_or_name(self.model),
             "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,

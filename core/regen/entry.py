@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,18 @@ def _input_fingerprint(convs: list) -> str:
     for c in convs:
         h.update(json.dumps([c.index, c.messages], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def _keep_recorded_input(cfg: RegenConfig, settings: dict[str, Any]) -> None:
+    """Older runs recorded a local input's path among their settings. Where they also recorded the
+    conversations' fingerprint (checked after loading), the same conversations at another path
+    resume them; without one the path is all there is, so it must still match."""
+    if settings["input"] is not None or not cfg.resume or not has_output(Path(cfg.output_dir)):
+        return
+    m = load_manifest(Path(cfg.output_dir))
+    recorded = m.settings.get("input") if m is not None and m.kind == "regen" else None
+    if recorded:
+        settings["input"] = recorded if "input_fingerprint" in m.extra else os.path.abspath(cfg.input_data)
 
 
 def _precheck_output(cfg: RegenConfig, settings: dict[str, Any]) -> None:
@@ -85,6 +98,7 @@ def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
 
         check_backend_installed(cfg.launch)  # exit 2 with an install hint, before any work
     settings = cfg.content_settings()
+    _keep_recorded_input(cfg, settings)
     _precheck_output(cfg, settings)
 
     from core.data import DataSpec, load_conversations  # lazy: pulls in datasets/pyarrow
@@ -106,7 +120,7 @@ def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
     old = manifest.extra.get("input_fingerprint")
     if resumed and old is not None and old != fingerprint:
         raise SettingsMismatchError(cfg.output_dir, {"input content": (old, fingerprint)})
-    manifest.extra.update(input_fingerprint=fingerprint, total=len(convs))
+    manifest.extra.update(input_fingerprint=fingerprint, input_path=source, total=len(convs))
     manifest.save(cfg.output_dir)
 
     with contextlib.ExitStack() as stack:

@@ -33,6 +33,9 @@ def _looks_local(source: str) -> bool:
         ".json", ".jsonl", ".parquet") or Path(source).exists()
 
 
+BY_CONTENT = "(by content)"  # a local dataset or cache in a run's settings
+
+
 class TrainSettings(Settings):
     """The training knobs: `eagle train` options and `eagle run`'s `train` section."""
 
@@ -169,8 +172,13 @@ class TrainConfig(TrainSettings):
             raise UsageError(f"unknown train setting(s): {', '.join(unknown)}")
         return cls(**d)
 
-    def settings(self, world_size: int | None = None, device_type: str | None = None) -> dict[str, Any]:
+    def settings(self, world_size: int | None = None, device_type: str | None = None,
+                 recorded: dict[str, Any] | None = None) -> dict[str, Any]:
         """The content-shaping settings stored in the run manifest (compared on --resume).
+
+        A local dataset or cache is known by its content (the run's data fingerprint, compared on
+        --resume), not its path, so a moved or renamed workdir resumes; `recorded` (the manifest's
+        settings) keeps the path an older run recorded instead.
 
         `device_type` ("cpu"/"cuda") replaces device "auto", and picks the attention backend
         "auto" stands for: resuming a CPU run on a GPU would change the numbers.
@@ -182,10 +190,13 @@ class TrainConfig(TrainSettings):
                 d["attention"] = "flex" if device_type == "cuda" else "sdpa"
         for k in NON_CONTENT_FIELDS:
             d.pop(k, None)
-        for k in ("target", "data", "cache", "val_data", "vocab", "init_from"):
+        for k in ("target", "data", "cache", "val_data", "vocab", "init_from", "data_exclude"):
             v = d.get(k)
             if v is not None and v != "demo" and _looks_local(v):
                 d[k] = str(Path(v).expanduser().resolve())
+                if k in ("data", "cache", "val_data", "data_exclude"):  # all in the data fingerprint
+                    old = (recorded or {}).get(k)
+                    d[k] = old if old not in (None, BY_CONTENT) else BY_CONTENT
         d["world_size"] = int(world_size if world_size is not None else self.nproc)
         d["format_version"] = TRAIN_FORMAT_VERSION
         return d

@@ -160,9 +160,10 @@ class _Trainer:
 
     # ---- setup --------------------------------------------------------------------------------
     def _prepare_dir(self):
-        from core.manifest import prepare_output_dir
+        from core.manifest import has_output, load_manifest, prepare_output_dir
 
-        settings = self.cfg.settings(self.env.world_size, self.env.device.type)
+        m = load_manifest(self.run_dir) if self.cfg.resume and has_output(self.run_dir) else None
+        settings = self.cfg.settings(self.env.world_size, self.env.device.type, m.settings if m else None)
         return D.on_main(self.env, lambda: prepare_output_dir(
             self.run_dir, "train", TRAIN_FORMAT_VERSION, settings, self.cfg.resume))
 

@@ -46,7 +46,7 @@ def check_output_dir(cfg: TrainConfig, world_size: int) -> None:
                          f"this version writes {TRAIN_FORMAT_VERSION}", hint="use a new output directory")
     from core.train.distributed import resolve_device
 
-    diff = diff_settings(m.settings, cfg.settings(world_size, resolve_device(cfg.device).type))
+    diff = diff_settings(m.settings, cfg.settings(world_size, resolve_device(cfg.device).type, m.settings))
     if diff:
         raise SettingsMismatchError(str(d), diff)
 
