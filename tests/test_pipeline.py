@@ -227,6 +227,10 @@ def test_demo_redoes_the_steps_whose_settings_changed_and_keeps_their_output(tmp
     assert [p.name for p in (tmp_path / "full").iterdir() if p.name in ("regen", "cache", "run", "export")] == \
         ["regen"]
 
+    saved.write_text("train: [unclosed\n")  # a file that cannot be read: every step again
+    _set_aside_stale_steps(saved, cfg)
+    assert not (tmp_path / "full" / "regen").exists() and "cannot be read" in capsys.readouterr().out
+
 
 def test_engine_bench_without_an_engine_is_skipped_with_a_note(tmp_path, tiny_target, monkeypatch):
     """serve.bench on a machine without vLLM: the pipeline's end says why it skipped, nothing fails."""

@@ -82,9 +82,10 @@ def _set_aside_stale_steps(saved_yaml: Path, cfg) -> None:
     try:  # dataset.source is the demo's own file in the workdir: a moved workdir moves it along,
         # and the steps know their conversations by content
         changed = [c for c in cfg.changed_settings(RunConfig.load(saved_yaml)) if c != "dataset.source"]
+        stale = [step for step, sections in RESUMED_STEPS.items()
+                 if any(c.split(".")[0] in sections for c in changed)]
     except UsageError:  # a YAML this version cannot read: nothing of it can be trusted
-        changed = ["target"]
-    stale = [step for step, sections in RESUMED_STEPS.items() if any(c.split(".")[0] in sections for c in changed)]
+        changed, stale = ["it cannot be read"], list(RESUMED_STEPS)
     if not stale:
         return
     locking.acquire(cfg.workdir_path())  # not while another demo writes here (held until exit)
