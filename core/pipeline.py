@@ -232,6 +232,7 @@ def run_pipeline(cfg: RunConfig, events: EventSink | None = None, steps: list[st
                  resume: bool = False) -> PipelineResult:
     events = events or NullSink()
     cfg.validate()
+    cfg.check_workdir()
     todo = select_steps(cfg, steps)
     from core import locking
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from core.cache.config import CacheSettings
-from core.errors import InputDataError
+from core.errors import InputDataError, UsageError
 from core.evaluate import EvalSettings
 from core.export import ExportSettings
 from core.regen.config import RegenSettings
@@ -159,6 +159,12 @@ class RunConfig(Settings):
                    "eval": "eval.json"}[step]
         p = Path(os.path.expanduser(explicit or default))
         return p if p.is_absolute() else self.workdir_path() / p
+
+    def check_workdir(self) -> None:
+        """A workdir that exists as a file is refused before anything is written."""
+        w = self.workdir_path()
+        if w.exists() and not w.is_dir():
+            raise UsageError(f"workdir {w} is a file, not a folder")
 
     def workdir_path(self) -> Path:
         """`workdir` resolved; a relative one is relative to the YAML file it was loaded from."""

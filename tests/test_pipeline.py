@@ -195,6 +195,17 @@ def test_demo_writes_a_valid_config(tmp_path):
     assert all(sum(len(m["content"]) for m in json.loads(x)["messages"]) <= 1200 for x in rows)
 
 
+def test_demo_and_run_refuse_a_workdir_that_is_a_file(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("mine")
+    r = _eagle("demo", "--write-only", "--workdir", str(f))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: workdir {f} is a file, not a folder"
+    (tmp_path / "run.yaml").write_text(f"workdir: {f}\n")
+    r = _eagle("run", str(tmp_path / "run.yaml"), "--steps", "train")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: workdir {f} is a file, not a folder"
+    assert f.read_text() == "mine"
+
+
 def test_demo_redoes_the_steps_whose_settings_changed_and_keeps_their_output(tmp_path, capsys):
     """A demo workdir from a version with other demo settings: the first changed step and the ones
     after it are set aside (renamed, nothing deleted) so the demo runs instead of refusing to resume."""

@@ -259,6 +259,7 @@ def register(app: typer.Typer) -> None:
         wd = Path(workdir).expanduser().resolve()
         kind = "quick" if quick else "full"
         data_file = wd / f"demo-{kind}-conversations.jsonl"
+        RunConfig(workdir=str(wd)).check_workdir()  # before the demo writes its files there
         cfg = demo_config(quick, str(wd / kind), str(data_file))
         if not data_file.exists():
             write_demo_subset(data_file, cfg.dataset.limit + cfg.dataset.heldout)
