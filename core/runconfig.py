@@ -27,6 +27,10 @@ from core.train.config import TrainSettings
 from core.vocab_config import VocabConfig
 
 STEPS = ("regen", "cache", "train", "eval", "export")
+# The steps whose output is a folder that resumes (with a manifest), in order, and the settings
+# sections that output depends on: a change there makes it, and every one after it, stale.
+RESUMED_STEPS = {"regen": ("target", "dataset", "regen"), "cache": ("vocab", "features"), "train": ("train",),
+                 "export": ("export",)}
 
 # The only defaults that differ inside `eagle run` from the stage run alone (a test holds every
 # other YAML default to its stage's):

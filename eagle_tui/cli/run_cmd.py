@@ -64,11 +64,6 @@ def demo_config(quick: bool, workdir: str, data_file: str):
     return cfg.validate()
 
 
-# The demo's steps that resume from their output, with the settings sections that output depends on.
-RESUMED_STEPS = {"regen": ("target", "dataset", "regen"), "cache": ("vocab", "features"), "train": ("train",),
-                 "export": ("export",)}
-
-
 def _set_aside_stale_steps(saved_yaml: Path, cfg) -> None:
     """A demo workdir made by another version with other demo settings would refuse to resume (each
     step checks its output's settings). The demo is reproducible, so it redoes the first step whose
@@ -77,7 +72,7 @@ def _set_aside_stale_steps(saved_yaml: Path, cfg) -> None:
 
     from core import locking
     from core.errors import UsageError
-    from core.runconfig import RunConfig
+    from core.runconfig import RESUMED_STEPS, RunConfig
 
     try:  # dataset.source is the demo's own file in the workdir: a moved workdir moves it along,
         # and the steps know their conversations by content

@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, ContentSwitcher, Footer, Header, Static
 
+from core.runconfig import RESUMED_STEPS
 from eagle_tui.screens.dialogs import (BudgetWarningScreen, ResumeScreen, delete_work,
                                        find_existing_work)
 from eagle_tui.widgets.budget_panel import BudgetPanel
@@ -29,7 +30,7 @@ from eagle_tui.widgets.panes.train import TrainPane
 PANES: list[tuple[str, type[Pane]]] = [("dataset", DatasetPane), ("regen", RegenPane),
                                        ("features", FeaturesPane), ("train", TrainPane),
                                        ("serve", ServePane)]
-DIR_STEPS = ("regen", "cache", "train", "export")  # steps whose output is a folder with a manifest
+DIR_STEPS = tuple(RESUMED_STEPS)  # steps whose output is a folder with a manifest
 
 
 class WizardScreen(Screen):
