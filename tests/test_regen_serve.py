@@ -53,6 +53,14 @@ def test_regen_with_a_launched_transformers_server(tiny_target, tmp_path):
     log = (out / ".regen" / "transformers-server.log").read_text()
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)", log).group(1))
     assert not listening(port)
+    # resumed with nothing left to send: no server is started at all (it took ~25 s for nothing)
+    (out / ".regen" / "transformers-server.log").unlink()
+    res = regenerate(RegenConfig(input_data=inp, output_dir=str(out), model=str(tiny_target),
+                                 launch="transformers", launch_device="cpu", concurrency=2,
+                                 max_new_tokens=6, shard_size=3, launch_ready_timeout=300,
+                                 request_timeout=120, resume=True))
+    assert (res.done, res.failed) == (4, 0) and not (out / ".regen" / "transformers-server.log").exists()
+    assert sorted(r["index"] for r in read_output(out)[0]) == [0, 1, 2, 3]
 
 
 def test_target_server_command_serves_until_interrupted(tiny_target, tmp_path):

@@ -180,7 +180,7 @@ def test_bench_convert_and_target_server_settings_refuse_bad_values_naming_the_o
         BenchConfig(serve=serve, tau_tolerance=-1)
     bc = BenchConfig(serve=serve)
     assert (bc.offset, bc.max_prompt_tokens) == (EvalConfig.default("offset"), EvalConfig.default("max_prompt_tokens"))
-    assert bc.serve is serve  # measure_servers sets the port and device on the caller's ServeConfig
+    assert bc.serve is serve  # measure_servers sets the device on the caller's ServeConfig
     bc.data, bc.offset, bc.num_prompts = "held.jsonl", 4, 8  # load_eval_report takes eval's selection
     assert (bc.data, bc.offset, bc.num_prompts) == ("held.jsonl", 4, 8)
     report = tmp_path / "eval.json"

@@ -129,19 +129,21 @@ def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
             from core.assets import demo_target
 
             model = str(demo_target(events=events))
-        if cfg.launch:
-            from core.target_server import start_target_server
-
-            events(Log(stage=STAGE, message=f"starting a {cfg.launch} server for {model}"))
-            server = stack.enter_context(start_target_server(
-                cfg.launch, model, extra_args=cfg.launch_args, device=cfg.launch_device,
-                ready_timeout=cfg.launch_ready_timeout,
-                log_path=Path(cfg.output_dir) / WORK_DIR / f"{cfg.launch}-server.log"))
-            events(Log(stage=STAGE, message=f"target server ready at {server.url}"))
-            urls, model = [server.url], server.model_name
         run = RegenRun(cfg, events, convs, report, manifest, resumed, urls, model)
         try:
-            return asyncio.run(run.main())
+            with run.opened():
+                todo = run.pending()
+                if cfg.launch and todo:  # a server only when there is something to send to it
+                    from core.target_server import start_target_server
+
+                    events(Log(stage=STAGE, message=f"starting a {cfg.launch} server for {model}"))
+                    server = stack.enter_context(start_target_server(
+                        cfg.launch, model, extra_args=cfg.launch_args, device=cfg.launch_device,
+                        ready_timeout=cfg.launch_ready_timeout,
+                        log_path=Path(cfg.output_dir) / WORK_DIR / f"{cfg.launch}-server.log"))
+                    events(Log(stage=STAGE, message=f"target server ready at {server.url}"))
+                    run.urls, run.model = [server.url], server.model_name
+                return asyncio.run(run.main(todo))
         except AllServersDeadError:
             if server is not None and not server.alive():  # say why: the server's own last words
                 from core.target_server import TargetServerError

@@ -9,6 +9,7 @@ exactly the same shards; the journal (not the shards) is the source of truth for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,8 +139,11 @@ class RegenRun:
         return rec is not None and p.exists() and sha256_file(p) == rec["sha256"]
 
     # -- the run ---------------------------------------------------------------------------
-    async def main(self) -> RegenResult:
-        t0 = time.monotonic()
+    @contextlib.contextmanager
+    def opened(self):
+        """The journal loaded (a resumed run's outcomes) and open for appending; closed on the way
+        out, whatever happens in between (a server that fails to start included)."""
+        self.t0 = time.monotonic()
         for stray in self.out.glob(".*.tmp"):  # temp files of writes cut by a kill
             stray.unlink(missing_ok=True)
         self.journal.load()
@@ -160,23 +164,29 @@ class RegenRun:
                 "will be sent again")))
         self.journal.open()
         try:
-            return await self._main(t0)
+            yield self
         finally:
             self.journal.close()
 
-    async def _main(self, t0: float) -> RegenResult:
-        cfg, events = self.cfg, self.events
+    def pending(self) -> list[int]:
+        """Input positions still to send (inside `opened`); a conversation with nothing to send is
+        journaled as skipped here. The caller starts a server only when this is not empty."""
         todo: list[int] = []
         for p, conv in enumerate(self.convs):
             if conv.index in self.journal.entries:
                 continue
             try:
-                plan(conv.messages, cfg.turns)  # raises Skip for a conversation with nothing to send
+                plan(conv.messages, self.cfg.turns)  # raises Skip for a conversation with nothing to send
             except Skip as s:
                 self._record({"index": conv.index, "status": SKIPPED, "reason": s.reason,
                               "attempts": 0})
                 continue
             todo.append(p)
+        return todo
+
+    async def main(self, todo: list[int]) -> RegenResult:
+        """Send `todo` (from `pending`, inside `opened`) to the servers; seal shards as they finish."""
+        cfg, events = self.cfg, self.events
         already = len(self.convs) - len(todo)
         events(StageStarted(stage=STAGE, total=len(self.convs), unit="samples", settings={
             **self.manifest.settings, "servers": self.urls, "concurrency": cfg.concurrency,
@@ -224,7 +234,7 @@ class RegenRun:
             finally:
                 syncer.cancel()
                 await asyncio.gather(syncer, return_exceptions=True)
-        return self._finish(t0)
+        return self._finish(self.t0)
 
     async def _sync_journal(self) -> None:
         """Group commit: fsync the journal off the event loop every `journal_sync_s`. Each line is

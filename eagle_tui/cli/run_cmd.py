@@ -179,9 +179,12 @@ def _print_summary(s: dict) -> None:
         if s.get("engine_counts_equal") is not None:
             agree += ("; the same accepted counts per position" if s["engine_counts_equal"]
                       else "; accepted counts per position differ from eval's")
+        lo_hi = s.get("engine_speedup_interval")
+        interval = f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else ""
+        order = {"interleaved": ", the two servers alternating prompt by prompt"}.get(s.get("engine_bench_order"), "")
         common.echo(f"vLLM serving the export, same prompts one at a time: τ {s['engine_tau']:.2f} ({agree}); "
-                    f"speedup measured {s['engine_speedup']:.2f}x ({s['engine_tokens_per_s']:.1f} vs "
-                    f"{s['engine_baseline_tokens_per_s']:.1f} tokens/s); report {s['bench_report']}")
+                    f"speedup measured {s['engine_speedup']:.2f}x{interval} ({s['engine_tokens_per_s']:.1f} vs "
+                    f"{s['engine_baseline_tokens_per_s']:.1f} tokens/s{order}); report {s['bench_report']}")
         common.echo(f"report: {s['eval_report']}")
     if s.get("export"):
         common.echo(f"export: {s['export']}")

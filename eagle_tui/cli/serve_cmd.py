@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         bench_prompts: int = common.option(B, "num_prompts"),
         bench_max_tokens: int = common.option(B, "max_new_tokens"),
         bench_output: Optional[str] = common.option(B, "output"),
+        bench_order: str = common.option(B, "order"),
     ) -> None:
         """Serve a target with an EAGLE-3 draft (extra engine arguments after `--`).
 
@@ -39,7 +40,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = C(**settings, extra_args=list(ctx.args), engine_python=engine_python)
         bcfg = (B(serve=cfg, num_prompts=bench_prompts, max_new_tokens=bench_max_tokens, output=bench_output,
-                  data=bench_data, eval_report=bench_eval, tau_tolerance=bench_tolerance) if bench else None)
+                  data=bench_data, eval_report=bench_eval, tau_tolerance=bench_tolerance,
+                  order=bench_order) if bench else None)
         if cfg.target == "demo":  # the embedded SmolLM2-135M-Instruct (converted once), after the options check
             from core.assets import demo_target
 

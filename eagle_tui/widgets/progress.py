@@ -125,6 +125,7 @@ PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"), ("prompt_set", "τ
                  ("tau_sim", "τ_sim (training)"), ("best_heldout_tau", "checkpoint's held-out τ"),
                  ("measured_speedup", "speedup measured here"), ("implied_speedup", "implied speedup"),
                  ("engine_tau", "vLLM τ (same prompts)"), ("engine_speedup", "vLLM speedup measured"),
+                 ("engine_speedup_interval", "vLLM speedup, 95% interval over prompts"),
                  ("lossless", "lossless"), ("export", "export"),
                  ("sglang_command", "SGLang"), ("vllm_command", "vLLM"), ("seconds", "seconds")]
 
