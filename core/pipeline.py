@@ -270,7 +270,8 @@ def summarize(cfg: RunConfig, target: str, steps: dict[str, dict[str, Any]], tim
         ev = steps["eval"]
         s.update(tau=ev.get("tau"), tau_sim=ev.get("tau_sim"), lossless=ev.get("lossless"),
                  accept_rate=ev.get("accept_rate"), implied_speedup=ev.get("implied_speedup"),
-                 measured_speedup=ev.get("measured_speedup"), prompt_set=ev.get("prompt_set"),
+                 measured_speedup=ev.get("measured_speedup"),
+                 measured_speedup_interval=ev.get("measured_speedup_interval"), prompt_set=ev.get("prompt_set"),
                  num_draft_tokens=cfg.eval.num_draft_tokens, eval_report=ev.get("output"),
                  by_k=ev.get("by_k"), fastest_k=ev.get("fastest_k"))
     if steps.get("bench") and not steps["bench"].get("skipped"):

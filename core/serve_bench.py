@@ -37,7 +37,7 @@ from pydantic import Field
 
 from core.errors import EagleError, InputDataError, UsageError
 from core.evaluate import EvalConfig
-from core.evaluate.report import accepted_counts
+from core.evaluate.report import accepted_counts, speedup_interval
 from core.events import EventSink, Log, NullSink, Progress, StageFinished, StageStarted
 from core.manifest import write_json_atomic
 from core.regen.config import RegenSettings
@@ -270,20 +270,6 @@ def run_prompts(engine: str, base: str, model: str, prompts: list, max_new_token
     return server.result()
 
 
-def speedup_interval(spec: list[dict], base: list[dict], n: int = 2000) -> tuple[float, float]:
-    """95% paired-bootstrap interval over prompts of (tokens/s with the draft) / (tokens/s without)."""
-    import random
-
-    def ratio(pick: list[int]) -> float:
-        s_tok, s_sec = sum(spec[i]["tokens"] for i in pick), sum(spec[i]["seconds"] for i in pick)
-        b_tok, b_sec = sum(base[i]["tokens"] for i in pick), sum(base[i]["seconds"] for i in pick)
-        return (s_tok / s_sec) / (b_tok / b_sec) if s_sec > 0 and b_sec > 0 and b_tok else float("nan")
-
-    rng, m = random.Random(0), len(spec)
-    vals = sorted(ratio([rng.randrange(m) for _ in range(m)]) for _ in range(n))
-    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
-
-
 def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str, Any]:
     """Baseline and with-draft runs of the engine on the same prompts; the JSON report (see above).
     The draft goes through `eagle serve`'s checks first (a folder that would serve wrongly is refused)."""
@@ -371,7 +357,9 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
               if basel and spec.get("tokens_per_s") and basel.get("tokens_per_s") else None,
               "order": ("interleaved" if interleave else "sequential") if basel else None}
     if report["speedup"] is not None:
-        report["speedup_interval"] = list(speedup_interval(servers["eagle3"].records, servers["baseline"].records))
+        report["speedup_interval"] = speedup_interval(
+            [(a["tokens"], a["seconds"], b["tokens"], b["seconds"])
+             for a, b in zip(servers["eagle3"].records, servers["baseline"].records)])
     if ev is not None:
         diff = (tau - ev["tau"]) if tau is not None and ev.get("tau") is not None else None
         report["eval"] = {**ev, "tau_diff": diff, "tau_tolerance": cfg.tau_tolerance}

@@ -185,6 +185,7 @@ def test_compare_k_measures_each_k_like_its_own_run(trained):
     assert s["by_k"][0]["tau"] == alone["summary"]["tau"]
     assert s["by_k"][0]["accept_rate"] == alone["summary"]["accept_rate"]
     assert all(r["measured_speedup"] > 0 for r in s["by_k"])
+    assert all(lo <= r["measured_speedup"] <= hi for r in s["by_k"] for lo, hi in [r["measured_speedup_interval"]])
     assert "by k, measured here" in both["text"] and f"fastest here: k={s['fastest_k']}" in both["text"]
     assert "by_k" not in alone["summary"]
     with pytest.raises(UsageError, match="--compare-k: every k must be >= 1"):
@@ -242,3 +243,19 @@ def test_report_marks_a_lossless_failure():
     text = render_summary({"summary": s, "prompts": [row], "num_prompts": 1, "num_draft_tokens": 2,
                            "device": "cpu", "tau_sim": None})
     assert "FAILED on 1 prompt" in text and "prompt 3: first difference at token 2" in text
+
+
+def test_speedup_interval_is_a_paired_bootstrap_over_prompts():
+    """Per prompt (tokens_a, s_a, tokens_b, s_b): equal ratios give a point; spread ones an interval
+    around the pooled ratio; prompt pairs move together (a slow prompt for both is no spread)."""
+    from core.evaluate.report import interval_text, speedup_interval
+
+    assert speedup_interval([(100, 2.0, 100, 3.0)] * 5) == [pytest.approx(1.5)] * 2
+    slow_and_fast = [(100, 2.0, 100, 3.0), (100, 20.0, 100, 30.0)] * 4  # same 1.5x, very unequal prompts
+    assert speedup_interval(slow_and_fast) == [pytest.approx(1.5)] * 2
+    spread = [(100, 1.0, 100, 1.0), (100, 1.0, 100, 2.0)] * 6
+    lo, hi = speedup_interval(spread)
+    assert lo < 1.5 < hi and 1.0 <= lo and hi <= 2.0
+    assert speedup_interval([(100, 1.0, 100, 1.0)]) is None  # one prompt: no spread to measure
+    assert speedup_interval([(100, 1.0, 0, 0.0)] * 3) is None
+    assert interval_text([1.0312, 1.2]) == " [1.03, 1.20]" and interval_text(None) == ""

@@ -15,6 +15,7 @@ Definitions (documented in the report itself):
   measured_speedup     wall-clock tokens/s of speculative decoding / of plain greedy decoding on this
                        machine (on a CPU the verify forward of k+1 tokens costs more than one decode
                        forward, so this is below the implied number).
+  measured_speedup_interval  95% paired bootstrap over prompts of the measured speedup.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DEFINITIONS = {
     "cost_ratio": "one single-position draft step time / one single-token target decode forward time",
     "implied_speedup": "tau / (1 + k * cost_ratio)",
     "measured_speedup": "speculative tokens/s / plain greedy tokens/s, wall clock on this machine",
+    "measured_speedup_interval": "95% paired-bootstrap interval over prompts of measured_speedup",
     "by_k": "tau and measured speedup at each k of --compare-k (and the main k), the same prompts and "
             "greedy references; fastest_k is the k with the highest measured speedup",
 }
@@ -68,6 +70,28 @@ def tokens_per_s(runs: list[dict[str, Any]]) -> tuple[float | None, float | None
     return rate("generated_tokens", "spec_wall_s"), rate("reference_tokens", "reference_wall_s")
 
 
+def speedup_interval(pairs: list[tuple[int, float, int, float]], n: int = 2000) -> list[float] | None:
+    """95% paired-bootstrap interval over prompts of (sum tokens_a / sum s_a) / (sum tokens_b / sum s_b),
+    pairs = (tokens_a, seconds_a, tokens_b, seconds_b) per prompt: how far the prompts alone move
+    a measured speedup (machine noise comes on top)."""
+    import math
+    import random
+
+    def ratio(pick: list[int]) -> float:
+        ta, sa, tb, sb = (sum(pairs[i][j] for i in pick) for j in range(4))
+        return (ta / sa) / (tb / sb) if sa > 0 and sb > 0 and tb > 0 else math.nan
+
+    if len(pairs) < 2 or math.isnan(ratio(list(range(len(pairs))))):
+        return None
+    rng, m = random.Random(0), len(pairs)
+    vals = sorted(ratio([rng.randrange(m) for _ in range(m)]) for _ in range(n))
+    return [vals[int(0.025 * n)], vals[int(0.975 * n) - 1]]
+
+
+def _pairs(runs: list[dict[str, Any]]) -> list[tuple[int, float, int, float]]:
+    return [(r["generated_tokens"], r["spec_wall_s"], r["reference_tokens"], r["reference_wall_s"]) for r in runs]
+
+
 def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """prompts: per-prompt dicts with accepted_drafts, accept_lengths, timings, lossless fields."""
     acc = acceptance([n for p in prompts for n in p["accepted_drafts"]], k)
@@ -91,6 +115,7 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
         "spec_tokens_per_s": spec_tps,
         "greedy_tokens_per_s": base_tps,
         "measured_speedup": (spec_tps / base_tps) if spec_tps and base_tps else None,
+        "measured_speedup_interval": speedup_interval(_pairs(prompts)),
         "lossless": not mismatches,
         "lossless_failures": len(mismatches),
         "lossless_failures_numerical_ties": sum(1 for p in mismatches if p.get("numerical_tie")),
@@ -106,6 +131,7 @@ def by_k(rows: list[dict[str, Any]], k: int, others: dict[int, list[dict[str, An
         spec_tps, base_tps = tokens_per_s(runs)
         out.append({"k": kk, "tau": acc["tau"], "accept_rate": acc["accept_rate"],
                     "measured_speedup": spec_tps / base_tps if spec_tps and base_tps else None,
+                    "measured_speedup_interval": speedup_interval(_pairs(runs)),
                     "lossless": all(r["lossless"] for r in runs)})
     return out
 
@@ -117,6 +143,11 @@ def prompt_set_label(ps: dict[str, Any] | None) -> str:
     if ps.get("trained_on"):
         return f"{ps['trained_on']} of {ps['count']} trained on: NOT held out"
     return f"{ps['held_out']} held out"
+
+
+def interval_text(lo_hi: list[float] | None) -> str:
+    """" [lo, hi]" of an interval, or nothing."""
+    return f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else ""
 
 
 def render_summary(report: dict[str, Any]) -> str:
@@ -132,11 +163,13 @@ def render_summary(report: dict[str, Any]) -> str:
         "accept rate by draft position: " + ", ".join(f(x, "{:.2f}") for x in s["accept_rate"]),
         f"draft step {f(s['draft_step_ms'], '{:.2f}')} ms / target forward "
         f"{f(s['target_forward_ms'], '{:.2f}')} ms = cost ratio {f(s['cost_ratio'])}",
-        f"speedup measured here (wall clock, our transformers loop) {f(s['measured_speedup'], '{:.2f}')}x "
+        f"speedup measured here (wall clock, our transformers loop) {f(s['measured_speedup'], '{:.2f}')}x"
+        f"{interval_text(s.get('measured_speedup_interval'))} "
         f"({f(s['spec_tokens_per_s'], '{:.1f}')} vs {f(s['greedy_tokens_per_s'], '{:.1f}')} tokens/s); "
         f"implied tau/(1+k*c) {f(s['implied_speedup'], '{:.2f}')}x",
         *([("by k, measured here on the same prompts: " + "; ".join(
             f"k={r['k']} τ {f(r['tau'])} {f(r['measured_speedup'], '{:.2f}')}x"
+            + interval_text(r.get("measured_speedup_interval"))
             + ("" if r["lossless"] else " NOT lossless") for r in s["by_k"])
             + f"; fastest here: k={s['fastest_k']}")] if s.get("by_k") else []),
         "lossless: " + ("ok on every prompt" if s["lossless"] else

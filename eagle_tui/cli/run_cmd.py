@@ -153,9 +153,9 @@ def _run(cfg, steps: Optional[list[str]], resume: bool, plan_only: bool) -> None
 def _print_summary(s: dict) -> None:
     common.echo("")
     common.echo("== eagle-tui summary ==")
-    if s.get("tau") is not None:
-        from core.evaluate.report import prompt_set_label
+    from core.evaluate.report import interval_text, prompt_set_label
 
+    if s.get("tau") is not None:
         sim = f"; training's simulated τ {s['tau_sim']:.2f}" if s.get("tau_sim") else ""
         rates = " / ".join(f"{r:.2f}" for r in s.get("accept_rate") or [] if r is not None)
         common.echo(f"accept length τ {s['tau']:.2f} (real chain decoding, k={s['num_draft_tokens']}, "
@@ -166,11 +166,13 @@ def _print_summary(s: dict) -> None:
                         "on separate selection prompts")
         measured = s.get("measured_speedup")
         common.echo(f"speedup measured here (wall clock, transformers loop): "
-                    f"{'n/a' if measured is None else f'{measured:.2f}x'}; implied by τ and the draft/target "
+                    f"{'n/a' if measured is None else f'{measured:.2f}x'}"
+                    f"{interval_text(s.get('measured_speedup_interval'))}; implied by τ and the draft/target "
                     f"cost ratio: {s['implied_speedup']:.2f}x")
         if s.get("by_k"):
             common.echo("by draft length, same prompts: " + "; ".join(
-                f"k={r['k']} τ {r['tau']:.2f}, measured {r['measured_speedup']:.2f}x" for r in s["by_k"])
+                f"k={r['k']} τ {r['tau']:.2f}, measured {r['measured_speedup']:.2f}x"
+                f"{interval_text(r.get('measured_speedup_interval'))}" for r in s["by_k"])
                 + f" (fastest here: k={s['fastest_k']})")
         common.echo(f"lossless: {'yes, every prompt matched the target' if s.get('lossless') else 'NO'}")
     if s.get("engine_tau") is not None:
@@ -179,8 +181,7 @@ def _print_summary(s: dict) -> None:
         if s.get("engine_counts_equal") is not None:
             agree += ("; the same accepted counts per position" if s["engine_counts_equal"]
                       else "; accepted counts per position differ from eval's")
-        lo_hi = s.get("engine_speedup_interval")
-        interval = f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else ""
+        interval = interval_text(s.get("engine_speedup_interval"))
         order = {"interleaved": ", the two servers alternating prompt by prompt"}.get(s.get("engine_bench_order"), "")
         common.echo(f"vLLM serving the export, same prompts one at a time: τ {s['engine_tau']:.2f} ({agree}); "
                     f"speedup measured {s['engine_speedup']:.2f}x{interval} ({s['engine_tokens_per_s']:.1f} vs "

@@ -123,7 +123,9 @@ def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
 
 PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"), ("prompt_set", "τ measured on"),
                  ("tau_sim", "τ_sim (training)"), ("best_heldout_tau", "checkpoint's held-out τ"),
-                 ("measured_speedup", "speedup measured here"), ("implied_speedup", "implied speedup"),
+                 ("measured_speedup", "speedup measured here"),
+                 ("measured_speedup_interval", "speedup measured here, 95% interval over prompts"),
+                 ("implied_speedup", "implied speedup"),
                  ("engine_tau", "vLLM τ (same prompts)"), ("engine_speedup", "vLLM speedup measured"),
                  ("engine_speedup_interval", "vLLM speedup, 95% interval over prompts"),
                  ("lossless", "lossless"), ("export", "export"),
