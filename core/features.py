@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from core.errors import InputDataError, UsageError
+from core.settings import default_aux_layers
 from core.vocab import DraftVocab
 
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on one chunk of full-vocab logits
@@ -35,11 +36,6 @@ class FeatureSample:
     final_hidden: torch.Tensor | None = None  # [T, Ht] before the final norm (when asked for)
 
 
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """The engines' default capture: outputs of layers [1, N//2-1, N-4] (0-based)."""
-    return [1, num_layers // 2 - 1, num_layers - 4]
-
-
 def resolve_aux_layer_ids(num_layers: int, ids: Sequence[int] | None = None) -> list[int]:
     """Validated aux layer ids, ascending (the order engines concatenate them in).
 
@@ -51,7 +47,7 @@ def resolve_aux_layer_ids(num_layers: int, ids: Sequence[int] | None = None) -> 
     if ids is None:
         if num_layers < 4:
             raise UsageError(f"the target has {num_layers} layers; EAGLE-3 needs at least 4")
-        ids = default_aux_layer_ids(num_layers)
+        ids = default_aux_layers(num_layers)
         if len(set(ids)) != 3 or min(ids) < 0:
             ids = [0, max(1, (num_layers - 2) // 2), num_layers - 2]
         return sorted(ids)

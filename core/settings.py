@@ -192,6 +192,13 @@ class DataSelection(Settings):
                                    "left out.")
 
 
+def default_aux_layers(num_target_layers: int) -> list[int]:
+    """The engines' default capture as 0-based layer outputs [1, N//2-1, N-4] (= the residual
+    entering layers [2, N//2, N-3]): what a draft reads when no aux layers are named."""
+    n = int(num_target_layers)
+    return [1, n // 2 - 1, n - 4]
+
+
 def aux_layers_field() -> Any:
     return Field(None, description="Three distinct 0-based target layer "
                  "outputs the draft reads, e.g. 1,15,28 (default: the engines' [1, N//2-1, N-4]).")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from core.errors import UsageError
-from core.features import (TargetFeatureExtractor, default_aux_layer_ids, probs_from_final_hidden,
+from core.features import (TargetFeatureExtractor, probs_from_final_hidden,
                            resolve_aux_layer_ids)
+from core.settings import default_aux_layers
 from core.vocab import build_vocab
 
 
@@ -31,7 +32,7 @@ def vocab(model):
 
 
 def test_default_aux_layer_ids_and_validation():
-    assert default_aux_layer_ids(32) == [1, 15, 28]  # Llama-3.1-8B: engines' [2, 16, 29] residuals
+    assert default_aux_layers(32) == [1, 15, 28]  # Llama-3.1-8B: engines' [2, 16, 29] residuals
     assert resolve_aux_layer_ids(32) == [1, 15, 28]
     assert resolve_aux_layer_ids(30) == [1, 14, 26]  # SmolLM2-135M
     assert resolve_aux_layer_ids(4) == [0, 1, 2]  # shallow: the default would repeat a layer

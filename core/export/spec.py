@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.errors import UsageError
+from core.settings import default_aux_layers
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 REQUIRED_KEYS = (
@@ -28,12 +29,6 @@ OPTIONAL_KEYS = ("embed_tokens.weight", "t2d")
 
 
 # ---- aux layers --------------------------------------------------------------------------------
-
-def default_aux_layers(num_target_layers: int) -> list[int]:
-    """Default aux layers as 0-based layer outputs (= engines' residual entering [2, N//2, N-3])."""
-    n = int(num_target_layers)
-    return [1, n // 2 - 1, n - 4]
-
 
 def engine_aux_fields(aux_layer_ids: list[int] | None, num_target_layers: int | None) -> dict[str, Any]:
     """What to write so SGLang and vLLM capture the layers we trained on.
