@@ -45,9 +45,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ttt-5": {"ttt_length": 5},
     "ttt-1": {"ttt_length": 1},
     "decay-1": {"decay": 1.0},
-    "hard-0.3": {"hard_label": 0.3},
-    "hard-0.6": {"hard_label": 0.6},
-    "hard-1": {"hard_label": 1.0},
     "seed-1": {"seed": 1},  # the noise floor: same settings, another seed
 }
 

@@ -301,43 +301,6 @@ def test_topk_targets_equal_their_dense_expansion():
         ttt_forward_loss(make_draft(), dict(sparse_batch, target_topk_ids=sparse_batch["target_topk_ids"] + VD))
 
 
-def test_hard_label_trains_on_the_mixed_target_dense_and_topk():
-    """hard_label h trains on (1 - h) p + h onehot(argmax p): equal to passing that target, for dense
-    rows and for top-k rows (whose argmax is among their ids); h 1 is plain CE on the top token."""
-    from core.cache.quant import topk_compress
-
-    bench = load_bench()
-    docs, _ = make_docs([13, 9, 11], seed=3)
-    batch = bench.pack_docs(docs, 40)
-    p = batch["target_probs"]
-    onehot = torch.nn.functional.one_hot(p.argmax(-1), VD).to(p.dtype)
-
-    def loss_of(b, **kw):
-        d = make_draft()
-        out = ttt_forward_loss(d, b, ttt_length=3, **kw)
-        out.loss.backward()
-        return out, grads(d)
-
-    for h in (0.3, 1.0):
-        out, g = loss_of(batch, hard_label=h)
-        ref, g_ref = loss_of(dict(batch, target_probs=(1 - h) * p + h * onehot))
-        torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
-        for name in g_ref:
-            torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-5, msg=name)
-
-    vals, ids = topk_compress(p.reshape(-1, VD), 5)
-    v = vals.float() / vals.float().sum(-1, keepdim=True)
-    sparse = {k: x for k, x in batch.items() if k != "target_probs"}
-    sparse["target_topk_ids"] = ids.long().view(*p.shape[:2], 5)
-    sparse["target_topk_probs"] = v.view(*p.shape[:2], 5)
-    dense_of_sparse = torch.zeros(p.reshape(-1, VD).shape).scatter_(1, ids.long(), v).view(p.shape)
-    out, _ = loss_of(sparse, hard_label=0.3)
-    ref, _ = loss_of(dict(batch, target_probs=0.7 * dense_of_sparse + 0.3 * onehot))
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
-    with pytest.raises(UsageError, match="hard_label"):
-        ttt_forward_loss(make_draft(), batch, hard_label=1.5)
-
-
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_bf16_autocast_keeps_fp32_master_weights_and_the_loss(backend):
     """What CUDA training does (bf16 autocast over fp32 weights), on CPU: the loss stays close to fp32

@@ -191,25 +191,10 @@ def _flat_targets(batch: dict, rows: int, vd: int) -> tuple[torch.Tensor, ...]:
     return ids.reshape(rows, k), probs.reshape(rows, k)
 
 
-def with_hard_label(targets: tuple[torch.Tensor, ...], share: float) -> tuple[torch.Tensor, ...]:
-    """Each row's target distribution with `share` of its mass moved onto its top token. Greedy
-    acceptance is argmax agreement alone; soft CE spends capacity on the tail too."""
-    top = target_argmax(targets[0] if len(targets) == 1 else targets)
-    if len(targets) == 1:
-        p = targets[0].float() * (1.0 - share)
-        p[torch.arange(p.shape[0], device=p.device), top] += share
-        return (p.to(targets[0].dtype),)
-    ids, probs = targets
-    onehot = (ids.long() == top[:, None]).to(torch.float32)
-    return ids, (probs.float() * (1.0 - share) + onehot * share).to(probs.dtype)
-
-
 def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8,
-                     attention_backend: str = "auto", skip_unsupervised: bool = True,
-                     hard_label: float = 0.0) -> TTTOutput:
+                     attention_backend: str = "auto", skip_unsupervised: bool = True) -> TTTOutput:
     """Unrolled TTT forward over a packed batch (contract and alignment in the module docstring).
 
-    hard_label: the target each row is trained on is (1 - h) * p + h * onehot(argmax p).
     skip_unsupervised: at steps >= 1 run the layer only on rows that this or a later step
     supervises (exact: the other rows influence nothing that is scored).
     """
@@ -217,8 +202,6 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
         raise UsageError(f"ttt_length must be >= 1, got {ttt_length}")
     if not 0.0 < decay <= 1.0:
         raise UsageError(f"loss decay must be in (0, 1], got {decay}")
-    if not 0.0 <= hard_label <= 1.0:
-        raise UsageError(f"hard_label must be in [0, 1], got {hard_label}")
     b, t = _check_batch(batch)
     cfg = draft.config
     targets = _flat_targets(batch, b * t, cfg.draft_vocab_size)
@@ -230,8 +213,6 @@ def ttt_forward_loss(draft, batch: dict, ttt_length: int = 7, decay: float = 0.8
     position_mask = batch["position_mask"].to(device).bool()
     position_ids = batch["position_ids"].to(device).long()
     targets = tuple(x.to(device) for x in targets)
-    if hard_label > 0:
-        targets = with_hard_label(targets, hard_label)
 
     backend = resolve_backend(attention_backend, device)
     # CPU: the head's gradients made in its forward pass (no logits recompute) where that keeps no

@@ -33,9 +33,6 @@ def _looks_local(source: str) -> bool:
         ".json", ".jsonl", ".parquet") or Path(source).exists()
 
 
-# settings added after runs were already made: recorded only when set, so those runs still resume
-RECORDED_WHEN_SET = ("hard_label",)
-
 BY_CONTENT = "(by content)"  # a local dataset or cache in a run's settings
 
 
@@ -56,9 +53,6 @@ class TrainSettings(Settings):
     feature_noise: float = Field(0.0, ge=0, le=1, description="Training only: Gaussian noise on the "
                                  "target's aux states, this share of each layer's per-token RMS (EAGLE "
                                  "trains on noisy features too: the draft then meets its own errors).")
-    hard_label: float = Field(0.0, ge=0, le=1, description="Training only: share of each target "
-                              "distribution moved onto its top token (greedy acceptance is top-token "
-                              "agreement; 0 is plain soft cross-entropy).")
     init_from: Optional[str] = Field(None, description="Warm start from a draft: an export (ours, or "
                                      "converted by `eagle export --from`) or a run; its vocabulary is "
                                      "remapped row by row.")
@@ -196,9 +190,6 @@ class TrainConfig(TrainSettings):
                 d["attention"] = "flex" if device_type == "cuda" else "sdpa"
         for k in NON_CONTENT_FIELDS:
             d.pop(k, None)
-        for k in RECORDED_WHEN_SET:
-            if not d.get(k):
-                d.pop(k, None)
         for k in ("target", "data", "cache", "val_data", "vocab", "init_from", "data_exclude"):
             v = d.get(k)
             if v is not None and v != "demo" and _looks_local(v):

@@ -70,11 +70,11 @@ class LossModule(torch.nn.Module):
     """Root module for DDP / FSDP: forward(batch) = the TTT loss of the draft."""
 
     def __init__(self, draft: torch.nn.Module, ttt_length: int, decay: float, attention: str,
-                 feature_noise: float = 0.0, hard_label: float = 0.0):
+                 feature_noise: float = 0.0):
         super().__init__()
         self.draft = draft
         self.ttt_length, self.decay, self.attention = ttt_length, decay, attention
-        self.feature_noise, self.hard_label = feature_noise, hard_label
+        self.feature_noise = feature_noise
         self.noise_seed: int | None = None  # set per micro-batch by the loop: resumes draw the same noise
 
     def forward(self, batch: dict[str, torch.Tensor]):
@@ -85,8 +85,7 @@ class LossModule(torch.nn.Module):
                                                            len(self.draft.config.aux_layer_ids),
                                                            self.noise_seed)}
         return ttt_forward_loss(self.draft, batch, ttt_length=self.ttt_length, decay=self.decay,
-                                attention_backend=self.attention,
-                                hard_label=self.hard_label if self.draft.training else 0.0)
+                                attention_backend=self.attention)
 
 
 def noisy_features(aux: torch.Tensor, scale: float, num_layers: int, seed: int) -> torch.Tensor:
@@ -203,8 +202,7 @@ class _Trainer:
             "draft_vocab_size": self.inputs.vocab.draft_vocab_size,
             "vocab_coverage": round(self.inputs.vocab.coverage, 4)}))
 
-        self.module = LossModule(self.draft, cfg.ttt_length, cfg.decay, self.attention, cfg.feature_noise,
-                                 cfg.hard_label)
+        self.module = LossModule(self.draft, cfg.ttt_length, cfg.decay, self.attention, cfg.feature_noise)
         self.root = D.wrap(self.module, env, cfg.fsdp, list(self.draft.decoder_layers()))
         self.params = [p for p in self.draft.parameters() if p.requires_grad]
         self.optim = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas),
