@@ -8,9 +8,10 @@ and Ctrl-C handling as regeneration's servers). Each server first answers one un
 request; then the same prompts go to each, one request at a time (batch 1, temperature 0), as token
 ids so both engines and `eagle eval` see the same tokens. `order`: on CPU (a shared machine whose
 load drifts) both servers run at once and each prompt goes to both in turn, alternating which goes
-first; on GPUs one server runs after the other (memory for one). Prompts: `eval_report` (an `eagle eval --output` JSON: its data, offset, prompt count
-and lengths are reused, so the prompts are the ones eval measured), else `data` (a held-out
-dataset, selected as `eagle eval` selects), else a fixed list of 16 questions. Accept length:
+first; on GPUs one server runs after the other (memory for one). Prompts: `eval_report` (an
+`eagle eval --output` JSON: its data, offset, prompt count and lengths are reused, so the prompts
+are the ones eval measured), else `data` (a held-out dataset, selected as `eagle eval` selects),
+else a fixed list of 16 questions. Accept length:
   - SGLang: native /generate reports meta_info.completion_tokens and spec_verify_ct per request;
     accept length = sum(completion_tokens) / sum(spec_verify_ct) (bonus token included).
   - vLLM: Prometheus counters on /metrics, before and after the run:
@@ -188,7 +189,7 @@ def prompt_ids(cfg: BenchConfig, events: EventSink, ev: dict[str, Any] | None) -
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], "built-in questions"
 
 
-def _request(engine: str, base: str, model: str, prompt, max_new_tokens: int, timeout: float,
+def send_request(engine: str, base: str, model: str, prompt, max_new_tokens: int, timeout: float,
              label: str) -> dict[str, Any]:
     """One greedy request: completion tokens, SGLang's verify count, text, wall seconds."""
     t0 = time.monotonic()
@@ -225,11 +226,11 @@ class _Server:
     def start(self, warmup=None, max_new_tokens: int = 8) -> None:
         """An untimed warm-up request (first-request allocations), then the counters' zero point."""
         if warmup is not None:
-            _request(self.engine, self.base, self.model, warmup, max_new_tokens, self.timeout, self.label)
+            send_request(self.engine, self.base, self.model, warmup, max_new_tokens, self.timeout, self.label)
         self.before = self._counters()
 
     def send(self, prompt, max_new_tokens: int) -> None:
-        self.records.append(_request(self.engine, self.base, self.model, prompt, max_new_tokens,
+        self.records.append(send_request(self.engine, self.base, self.model, prompt, max_new_tokens,
                                      self.timeout, self.label))
 
     def _counters(self) -> dict[str, Any] | None:
@@ -257,17 +258,6 @@ class _Server:
                            counters={**{k: int(v) for k, v in d.items()},
                                      "accepted_per_pos": [int(a) for a in per_pos]})
         return res
-
-
-def run_prompts(engine: str, base: str, model: str, prompts: list, max_new_tokens: int,
-                timeout: float, events: EventSink, label: str) -> dict[str, Any]:
-    """Send prompts (text or token ids) one at a time to one server; tokens/s, outputs, with a draft τ."""
-    server = _Server(engine, base, model, label, timeout)
-    server.start()
-    for i, prompt in enumerate(prompts):
-        server.send(prompt, max_new_tokens)
-        events(Progress(stage=STAGE, done=i + 1, total=len(prompts), unit="prompts", extra={"server": label}))
-    return server.result()
 
 
 def bench_servers(cfg: BenchConfig, events: EventSink | None = None) -> dict[str, Any]:

@@ -199,8 +199,7 @@ def test_bench_client_reports_a_failing_server():
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from core.errors import EagleError
-    from core.events import NullSink
-    from core.serve_bench import run_prompts
+    from core.serve_bench import send_request
 
     class Fail(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
@@ -216,7 +215,7 @@ def test_bench_client_reports_a_failing_server():
     try:
         base = f"http://127.0.0.1:{srv.server_address[1]}"
         with pytest.raises(EagleError, match="HTTP 500: out of memory"):
-            run_prompts("sglang", base, "T", ["hi"], 8, 10.0, NullSink(), "eagle3")
+            send_request("sglang", base, "T", "hi", 8, 10.0, "eagle3")
     finally:
         srv.shutdown()
 
