@@ -45,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ttt-5": {"ttt_length": 5},
     "ttt-1": {"ttt_length": 1},
     "decay-1": {"decay": 1.0},
+    "val-0": {"val_fraction": 0.0},  # the validation share trains too (checkpoints are chosen by held-out τ)
     "seed-1": {"seed": 1},  # the noise floor: same settings, another seed
 }
 

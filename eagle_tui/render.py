@@ -16,8 +16,12 @@ TRAIN_LOG_KEYS = ("loss", "acc_0", "tau_sim", "lr", "grad_norm", "tokens_per_s",
 
 
 def fmt_value(v: object) -> str:
-    """A metric or summary value for people: floats to 4 significant digits."""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A metric or summary value for people: floats to 4 significant digits, in lists too."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, float) for x in v):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+    return str(v)
 
 
 class ConsoleSink:

@@ -51,6 +51,10 @@ def test_pipeline_summary_labels_measured_speedup_and_prompt_set():
                          "prompt_set": {"count": 12, "held_out": 12, "trained_on": 0}}, pipeline=True).plain
     assert "speedup measured here: 0.9" in text and "implied speedup: 1.2" in text
     assert "τ measured on: 12 prompts, 12 held out" in text
+    text = summary_text({"measured_speedup": 1.12, "measured_speedup_interval": [1.0412345, 1.2],
+                         "engine_speedup": 1.09, "engine_speedup_interval": [1.04, 1.1634]}, pipeline=True).plain
+    assert "speedup measured here, 95% interval over prompts: [1.041, 1.2]" in text
+    assert "vLLM speedup, 95% interval over prompts: [1.04, 1.163]" in text
 
 
 async def test_run_step_streams_events_into_the_dashboard(tmp_path):
