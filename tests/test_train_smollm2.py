@@ -62,3 +62,9 @@ def test_short_training_on_smollm2_features_learns(tmp_path, monkeypatch):
     draft, info = Eagle3Draft.from_pretrained(run, with_info=True)
     assert draft.config.hidden_size == 576 and draft.config.draft_vocab_size == 2048
     assert draft.config.rope_theta == 100000.0 and info.aux_layer_ids == [1, 14, 26]
+    # `eagle eval --target demo`, as regen, cache, train and serve take it: the embedded folder
+    from core.evaluate import EvalConfig, evaluate
+
+    rep = evaluate(EvalConfig(target="demo", draft=str(run), data=str(data), num_prompts=1, num_draft_tokens=1,
+                              max_new_tokens=4, allow_trained_prompts=True))
+    assert rep["settings"]["target"] == str(target) and rep["summary"]["lossless"]

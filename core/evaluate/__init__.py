@@ -60,7 +60,7 @@ class EvalSettings(Settings):
 
 
 class EvalConfig(EvalSettings):
-    target: str = Field(description="Target model folder.")
+    target: str = Field(description="Target model folder, or 'demo' (the embedded SmolLM2-135M-Instruct).")
     draft: str = Field(description="Training run, checkpoint, or serving folder (ours or a third-party "
                        "EAGLE-3 draft in the same format).")
     data: str = Field(description="Held-out chat dataset (file, folder or hub name); each conversation "
@@ -76,8 +76,8 @@ class EvalConfig(EvalSettings):
     device: Device = Field("auto", description="auto | cpu | cuda")
 
     def check_inputs(self) -> None:
-        if not (Path(self.target) / "config.json").is_file():
-            raise InputDataError("the target must be a local model folder with config.json",
+        if self.target != "demo" and not (Path(self.target) / "config.json").is_file():
+            raise InputDataError("the target must be a local model folder with config.json, or 'demo'",
                                  path=self.target)
         if not Path(self.draft).is_dir():
             raise InputDataError("no such draft folder (run, checkpoint or export)", path=self.draft)
@@ -205,6 +205,10 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
         locking.acquire(Path(cfg.output).parent, locking.beside(cfg.output))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible")
+    if cfg.target == "demo":  # as regen, cache, train and serve take it
+        from core.assets import demo_target
+
+        cfg = cfg.model_copy(update={"target": str(demo_target(events=events))})
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
                                                              torch.cuda.is_available()) else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
