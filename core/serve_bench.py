@@ -215,18 +215,15 @@ def send_request(engine: str, base: str, model: str, prompt, max_new_tokens: int
 
 
 class _Server:
-    """One running engine under measurement: its requests and its spec-decode counters since `start`."""
+    """One running engine under measurement: its requests and its spec-decode counters since its warm-up."""
 
-    def __init__(self, engine: str, base: str, model: str, label: str, timeout: float, startup_s: float = 0.0):
+    def __init__(self, engine: str, base: str, model: str, label: str, timeout: float, startup_s: float):
+        """A server just ready: it answers an untimed warm-up request (first-request allocations);
+        its counters after that are the zero point."""
         self.engine, self.base, self.model, self.label, self.timeout = engine, base, model, label, timeout
         self.startup_s = startup_s
         self.records: list[dict[str, Any]] = []
-        self.before: dict[str, Any] | None = None
-
-    def start(self, warmup=None, max_new_tokens: int = 8) -> None:
-        """An untimed warm-up request (first-request allocations), then the counters' zero point."""
-        if warmup is not None:
-            send_request(self.engine, self.base, self.model, warmup, max_new_tokens, self.timeout, self.label)
+        send_request(engine, base, model, WARMUP_PROMPT, 8, timeout, label)
         self.before = self._counters()
 
     def send(self, prompt, max_new_tokens: int) -> None:
@@ -248,7 +245,7 @@ class _Server:
         if self.engine == "sglang" and verify:
             res["accept_length"] = tokens / verify
         if self.engine == "vllm":
-            before, after = self.before or self._counters(), self._counters()
+            before, after = self.before, self._counters()
             d = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted")}
             if d["drafts"] > 0:
                 per_pos = [after["per_pos"].get(i, 0.0) - before["per_pos"].get(i, 0.0)
@@ -319,7 +316,6 @@ def measure_servers(cfg: BenchConfig, draft_path: str, device: str, ev: dict[str
                                                 log_path=logdir / f"bench-{label}.log"))
             server = servers[label] = _Server(s.engine, f"http://{host}:{port}", s.target, label,
                                               cfg.request_timeout_s, round(time.monotonic() - t0, 1))
-            server.start(warmup=WARMUP_PROMPT)
             if not interleave:
                 for prompt in prompts:
                     server.send(prompt, cfg.max_new_tokens)
