@@ -124,6 +124,8 @@ def interrupt(argv: list[str], progress: Callable[[], int], total: int, rng: ran
         LAST["advanced"], LAST["done"] = progress() > start, progress() >= total
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:  # it ended by itself in the instant before the signal
+            return None
         return proc.returncode
     finally:
         if proc.poll() is None:
