@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import peers  # noqa: E402
-from cache_accept import tau_loss_interval, work_folder  # noqa: E402
+from cache_accept import work_folder  # noqa: E402
 
 CACHE_OPTIONS = dict(aux_dtype="bf16", target_store="hidden", target_dtype="bf16")
 
@@ -85,16 +86,16 @@ def build_features(a: argparse.Namespace, target: Path, data: str, heldout: Path
 
 
 # ---- one schedule for both trainers -------------------------------------------------------------
-def our_schedule(cache: str, a: argparse.Namespace) -> tuple[list[list[int]], int]:
+def our_schedule(cache: str, a: argparse.Namespace, seed: int) -> tuple[list[list[int]], int]:
     """The cache sample ids of every optimizer step, as core.train's offline run orders them
     (its split, packing and seeded epochs: core.train.inputs.load_offline + BatchPlan)."""
     from core.cache import CacheReader
     from core.train.data import BatchPlan, OfflineSource, cache_lengths, split_indices
 
     reader = CacheReader(cache)
-    train_idx, _ = split_indices(len(reader), 0.0, a.seed)
+    train_idx, _ = split_indices(len(reader), 0.0, seed)
     src = OfflineSource(reader, train_idx, a.max_length, cache_lengths(reader))
-    plan = BatchPlan(src.lengths, 2 * a.max_length, a.seed)
+    plan = BatchPlan(src.lengths, 2 * a.max_length, seed)
     plan.check_not_empty("training")
     total = a.steps or plan.total_steps(a.epochs)
     steps = []
@@ -132,12 +133,12 @@ def write_peer_features(cache: str, steps: list[list[int]], path: Path, max_leng
 
 
 # ---- the two trainers ---------------------------------------------------------------------------
-def train_ours(a: argparse.Namespace, cache: str, total: int, work: Path) -> dict[str, Any]:
+def train_ours(a: argparse.Namespace, seed: int, cache: str, total: int, work: Path) -> dict[str, Any]:
     from core.train import TrainConfig, train
 
     cfg = TrainConfig(output_dir=str(work / "run-ours"), cache=cache, max_length=a.max_length,
                       ttt_length=a.ttt, lr=a.lr, warmup_ratio=a.warmup_ratio, max_steps=total,
-                      max_tokens_per_batch=2 * a.max_length, val_fraction=0.0, seed=a.seed,
+                      max_tokens_per_batch=2 * a.max_length, val_fraction=0.0, seed=seed,
                       head_init=a.ours_head_init, freeze_head=a.ours_freeze_head,
                       feature_noise=a.ours_feature_noise,
                       grad_clip=a.grad_clip, save_every=total, eval_every=total,
@@ -149,12 +150,12 @@ def train_ours(a: argparse.Namespace, cache: str, total: int, work: Path) -> dic
             "train_loss": res.train_metrics.get("loss"), "warmup_steps": math.ceil(a.warmup_ratio * total)}
 
 
-def train_peer(a: argparse.Namespace, features: Path, target: Path, aux: list[int], total: int,
+def train_peer(a: argparse.Namespace, seed: int, features: Path, target: Path, aux: list[int], total: int,
                work: Path) -> dict[str, Any]:
     out = work / "peer-speculators"
     args = ["train", "--features", features, "--target", target, "--output", out,
             "--ttt-steps", a.ttt, "--lr", a.lr, "--warmup", math.ceil(a.warmup_ratio * total),
-            "--total", total, "--steps", total, "--grad-clip", a.grad_clip, "--seed", a.seed,
+            "--total", total, "--steps", total, "--grad-clip", a.grad_clip, "--seed", seed,
             "--aux-layers", ",".join(str(i + 1) for i in aux),  # theirs: residual entering layer i
             "--log-every", max(1, total // 5)]
     t0 = time.perf_counter()
@@ -222,6 +223,72 @@ def per_position(rows: list[dict], k: int = 3) -> list[float]:
     return [sum(d >= i for d in steps) / max(1, len(steps)) for i in range(1, k + 1)]
 
 
+def one_seed(a: argparse.Namespace, seed: int, cache: str, target: Path, heldout: Path, aux: list[int],
+             work: Path) -> dict[str, Any]:
+    """Both trainers on the same schedule for `seed` (its split and packing order, both inits and
+    noise), both drafts exported and measured on the held-out prompts."""
+    work.mkdir(parents=True)
+    steps, sched_tokens = our_schedule(cache, a, seed)
+    total = len(steps)
+    say(f"seed {seed}: {total} optimizer steps ({sched_tokens} tokens)")
+    features = work / "peer-features.safetensors"
+    write_peer_features(cache, steps, features, a.max_length)
+
+    say("training ours ...")
+    ours_tr = train_ours(a, seed, cache, total, work)
+    if ours_tr["tokens"] != sched_tokens:  # the peer's schedule must be the one ours ran
+        raise SystemExit(f"error: our run trained on {ours_tr['tokens']} tokens, the schedule "
+                         f"handed to the peer holds {sched_tokens}")
+    say(f"  ours: {total} steps in {ours_tr['seconds']:.0f}s ({ours_tr['tokens_per_s']:.0f} tokens/s)")
+    say("training speculators ...")
+    peer_tr = train_peer(a, seed, features, target, aux, total, work)
+    say(f"  speculators: {peer_tr['steps']} steps in {peer_tr['seconds']:.0f}s "
+        f"({peer_tr['tokens_per_s']:.0f} tokens/s)")
+
+    ours_dir = export_ours(ours_tr["run_dir"], target, work)
+    peer_dir, fixes = export_peer(peer_tr["output"], target, work)
+    say(f"exported ours -> {ours_dir}; converted speculators' -> {peer_dir} ({'; '.join(fixes)})")
+    diff = check_conversion(peer_tr["output"], peer_dir, features, target, work)
+    if not diff < 1e-3:
+        raise SystemExit(f"error: the converted speculators draft differs from theirs (step-0 "
+                         f"logits up to {diff:.3g} apart): the comparison would be unfair")
+    say(f"  conversion checked: step-0 logits equal to theirs within {diff:.1e}")
+    say("measuring both on the held-out prompts ...")
+    ev = {"ours": measure(ours_dir, target, heldout, a), "speculators": measure(peer_dir, target, heldout, a)}
+    say(f"  seed {seed}: τ ours {ev['ours']['tau']:.3f}, speculators {ev['speculators']['tau']:.3f}")
+    features.unlink()  # hundreds of MB per seed; the schedule is rebuilt from the cache and the seed
+    return {"seed": seed, "steps": total, "schedule_tokens": sched_tokens, "eval": ev,
+            "train": {"ours": ours_tr, "speculators": peer_tr}, "convert_fixes": fixes,
+            "convert_max_logit_diff": diff}
+
+
+def pooled_tau(runs: list[list[dict]], seeds: list[int] | None = None, pick: list[int] | None = None) -> float:
+    """τ over every verification of the chosen seeds' runs on the chosen prompts (default: all)."""
+    seeds = range(len(runs)) if seeds is None else seeds
+    acc = steps = 0
+    for s in seeds:
+        rows = runs[s]
+        for i in (range(len(rows)) if pick is None else pick):
+            acc += sum(d + 1 for d in rows[i]["accepted_drafts"])
+            steps += len(rows[i]["accepted_drafts"])
+    return acc / max(1, steps)
+
+
+def ratio_interval(ours: list[list[dict]], theirs: list[list[dict]], n: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of τ(ours) / τ(theirs). Each side holds one run per seed, each run its
+    per-prompt accepted counts. Prompts are resampled paired (the same prompts for both sides);
+    with several seeds each side's seeds are resampled too, so training noise widens the interval."""
+    rng = random.Random(0)
+    m, k = len(ours[0]), len(ours)
+    vals = []
+    for _ in range(n):
+        pick = [rng.randrange(m) for _ in range(m)]
+        so, st = ([rng.randrange(k) for _ in range(k)] for _ in range(2))
+        vals.append(pooled_tau(ours, so, pick) / pooled_tau(theirs, st, pick))
+    vals.sort()
+    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+
+
 # ---- main ---------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,6 +309,8 @@ def main() -> int:
     ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--grad-clip", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated: train both per seed (e.g. 0,1,2), so the "
+                                                  "ratio's interval includes training noise (default: --seed)")
     ap.add_argument("--ours-head-init", choices=["random", "target"], default="random",
                     help="our recipe's head (the demo's default: random)")
     ap.add_argument("--ours-freeze-head", action="store_true")
@@ -256,6 +325,10 @@ def main() -> int:
     a.epochs = a.epochs or (2 if q else 4)
     a.prompts = a.prompts or (4 if q else 12)
     a.max_new_tokens = a.max_new_tokens or (32 if q else 64)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
+    except ValueError:
+        ap.error(f"--seeds: {a.seeds!r} is not a comma-separated list of integers")
 
     import torch
 
@@ -275,61 +348,35 @@ def main() -> int:
             from core.cache import CacheReader
 
             aux = list(CacheReader(cache["dir"]).target_info["aux_layer_ids"])
-            steps, sched_tokens = our_schedule(cache["dir"], a)
-            total = len(steps)
             say(f"SmolLM2-135M-Instruct; {cache['samples']} training conversations ({cache['tokens']} tokens, "
                 f"max length {a.max_length}), draft vocab {a.draft_vocab_size} (coverage {cache['coverage']:.1%}), "
-                f"{total} optimizer steps ({sched_tokens} tokens), TTT {a.ttt}, lr {a.lr} warmup "
-                f"{a.warmup_ratio} cosine, AdamW 0.9/0.95, clip {a.grad_clip}; {a.prompts} held-out "
-                f"prompts x {a.max_new_tokens} tokens, k=3 greedy; torch threads {torch.get_num_threads()}")
-            features = work / "peer-features.safetensors"
-            write_peer_features(cache["dir"], steps, features, a.max_length)
-
-            say("training ours ...")
-            ours_tr = train_ours(a, cache["dir"], total, work)
-            if ours_tr["tokens"] != sched_tokens:  # the peer's schedule must be the one ours ran
-                raise SystemExit(f"error: our run trained on {ours_tr['tokens']} tokens, the schedule "
-                                 f"handed to the peer holds {sched_tokens}")
-            say(f"  ours: {total} steps in {ours_tr['seconds']:.0f}s ({ours_tr['tokens_per_s']:.0f} tokens/s)")
-            say("training speculators ...")
-            peer_tr = train_peer(a, features, target, aux, total, work)
-            say(f"  speculators: {peer_tr['steps']} steps in {peer_tr['seconds']:.0f}s "
-                f"({peer_tr['tokens_per_s']:.0f} tokens/s)")
-
-            ours_dir = export_ours(ours_tr["run_dir"], target, work)
-            peer_dir, fixes = export_peer(peer_tr["output"], target, work)
-            say(f"exported ours -> {ours_dir}; converted speculators' -> {peer_dir} ({'; '.join(fixes)})")
-            diff = check_conversion(peer_tr["output"], peer_dir, features, target, work)
-            if not diff < 1e-3:
-                raise SystemExit(f"error: the converted speculators draft differs from theirs (step-0 "
-                                 f"logits up to {diff:.3g} apart): the comparison would be unfair")
-            say(f"  conversion checked: step-0 logits equal to theirs within {diff:.1e}")
-            say("measuring both on the held-out prompts ...")
-            ev = {"ours": measure(ours_dir, target, heldout, a), "speculators": measure(peer_dir, target, heldout, a)}
+                f"TTT {a.ttt}, lr {a.lr} warmup {a.warmup_ratio} cosine, AdamW 0.9/0.95, clip {a.grad_clip}; "
+                f"seeds {seeds}; {a.prompts} held-out prompts x {a.max_new_tokens} tokens, k=3 greedy; "
+                f"torch threads {torch.get_num_threads()}")
+            runs = [one_seed(a, seed, cache["dir"], target, heldout, aux, work / f"seed-{seed}") for seed in seeds]
         except peers.PeerError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
 
-    o, p = ev["ours"], ev["speculators"]
-    ratio = o["tau"] / p["tau"]
-    lo, hi = tau_loss_interval(p["per_prompt"], o["per_prompt"])  # % of 1 - τ(ours)/τ(theirs)
-    r_lo, r_hi = 1 - hi / 100, 1 - lo / 100
+    ours, theirs = ([r["eval"][side]["per_prompt"] for r in runs] for side in ("ours", "speculators"))
+    ratio = pooled_tau(ours) / pooled_tau(theirs)
+    r_lo, r_hi = ratio_interval(ours, theirs)
     say("")
-    say(f"{'draft':<13}{'τ':>7}{'accept/position (1..3)':>26}{'lossless':>10}{'train tok/s':>13}")
-    for name, e, tr in (("ours", o, ours_tr), ("speculators", p, peer_tr)):
-        pp = " / ".join(f"{x:.2f}" for x in per_position(e["per_prompt"]))
-        say(f"{name:<13}{e['tau']:>7.3f}{pp:>26}{str(e['lossless']):>10}{tr['tokens_per_s']:>13.0f}")
+    say(f"{'draft':<13}{'seed':>5}{'τ':>7}{'accept/position (1..3)':>26}{'lossless':>10}{'train tok/s':>13}")
+    for r in runs:
+        for side in ("ours", "speculators"):
+            e, tr = r["eval"][side], r["train"][side]
+            pp = " / ".join(f"{x:.2f}" for x in per_position(e["per_prompt"]))
+            say(f"{side:<13}{r['seed']:>5}{e['tau']:>7.3f}{pp:>26}{str(e['lossless']):>10}{tr['tokens_per_s']:>13.0f}")
     say("  (train tok/s: each trainer's own step clock, reading and target computation included, one "
         "run each under whatever load the machine had; bench/train.py is the speed comparison)")
-    say(f"ratio ours / speculators: {ratio:.3f}x (95% paired bootstrap over {len(o['per_prompt'])} "
-        f"prompts: [{r_lo:.3f}, {r_hi:.3f}]); goal >= 1.15x")
+    over = f"{len(ours[0])} prompts" + (f" and {len(seeds)} seeds per side" if len(seeds) > 1 else "")
+    say(f"ratio ours / speculators: {ratio:.3f}x (τ {pooled_tau(ours):.3f} vs {pooled_tau(theirs):.3f}; 95% "
+        f"bootstrap over {over}: [{r_lo:.3f}, {r_hi:.3f}]); goal >= 1.15x")
     say(f"wall time {(time.perf_counter() - t_all) / 60:.1f} min (peer venv {peer['venv']})")
     if a.json:
-        report = {"settings": vars(a), "cache": cache, "steps": total, "schedule_tokens": sched_tokens,
-                  "train": {"ours": ours_tr, "speculators": {k: v for k, v in peer_tr.items()}},
-                  "eval": ev, "ratio": ratio, "ratio_ci95": [r_lo, r_hi], "convert_fixes": fixes,
-                  "convert_max_logit_diff": diff,
-                  "peer": peer}
+        report = {"settings": vars(a), "cache": cache, "runs": runs, "ratio": ratio,
+                  "ratio_ci95": [r_lo, r_hi], "peer": peer}
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))
     return 0
 
