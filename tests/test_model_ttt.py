@@ -1,5 +1,5 @@
 """TTT forward + loss: backends agree, packing changes nothing, alignment matches the plain
-anchor-style step (bench/train.py), metrics and errors."""
+anchor-style step (bench/train_steps.py, the step bench/train.py times), metrics and errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ V, VD, H, HT = 61, 23, 32, 24
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
+    spec = importlib.util.spec_from_file_location("bench_train_steps", REPO / "bench" / "train_steps.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
