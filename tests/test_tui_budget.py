@@ -15,7 +15,7 @@ from eagle_tui.sysinfo import GpuInfo
 from eagle_tui.widgets import estimates
 from eagle_tui.widgets.budget_panel import BudgetPanel, assess
 from core.step_budgets import StepBudget
-from tui_support import GB, fixed_system, flat, make_app, plain, wait_for, write_jsonl
+from tui_support import GB, fixed_system, flat, make_app, wait_for, write_jsonl
 
 SIZE = (120, 40)
 
@@ -91,10 +91,9 @@ async def test_disk_that_does_not_fit_warns_and_asks_before_running(tmp_path):
         assert isinstance(app.screen, WizardScreen) and not app.jobs.jobs
         # online mode stores nothing: the warning goes away
         w.query_one("#f-features-mode-control").value = "online"
-        await pilot.pause()
-        assert not panel.has_class("-warn")
+        await wait_for(lambda: not panel.has_class("-warn"), "online mode's budget")(pilot)
         w.query_one("#f-features-mode-control").value = "offline"
-        await pilot.pause()
+        await wait_for(lambda: panel.has_class("-warn"), "offline mode's budget")(pilot)
         await pilot.press("ctrl+r")
         await wait_for(lambda: isinstance(app.screen, BudgetWarningScreen), "budget warning")(pilot)
         await pilot.press("y")  # run anyway
@@ -119,8 +118,7 @@ async def test_gpu_too_small_for_training_warns(tmp_path):
         w.query_one("#f-train-ttt_length-control").value = "3"
         w.go(2)
         w.query_one("#f-vocab-draft_vocab_size-control").value = "8192"
-        await pilot.pause()
-        assert not panel.has_class("-warn"), plain(panel, 80)
+        await wait_for(lambda: not panel.has_class("-warn"), "the smaller settings' budget")(pilot)
 
 
 async def test_storage_table_and_preview_feed_the_budget(tmp_path):

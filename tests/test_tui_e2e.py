@@ -15,6 +15,7 @@ from eagle_tui.screens.dashboard import DashboardScreen
 from eagle_tui.screens.dialogs import ResumeScreen
 from eagle_tui.screens.wizard import WizardScreen
 from eagle_tui.widgets.curves import CurveRow
+from eagle_tui.widgets.form import FieldRow
 from tui_support import fixed_system, flat, wait_for, write_jsonl
 
 SIZE = (120, 40)
@@ -66,7 +67,7 @@ async def test_wizard_runs_a_quick_pipeline_and_resumes(tmp_path, tiny_target):
         await next_pane(pilot, 1)
         # 2 Regenerate: skipped (the dataset's answers are used as they are)
         w.query_one("#f-regen-enabled-control", Switch).value = True
-        await pilot.pause()
+        await wait_for(lambda: w.query_one("#f-regen-concurrency", FieldRow).disabled, "regen skipped")(pilot)
         await next_pane(pilot, 2)
         # 3 Cache: small vocabulary, short samples
         await fill(pilot, "f-vocab-draft_vocab_size", "128")

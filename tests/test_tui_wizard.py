@@ -11,7 +11,7 @@ from core.runconfig import RunConfig
 from eagle_tui.screens.help import HelpScreen
 from eagle_tui.screens.wizard import PANES, WizardScreen
 from eagle_tui.widgets.form import FieldRow
-from tui_support import make_app, write_jsonl
+from tui_support import flat, make_app, wait_for, write_jsonl
 
 SIZE = (120, 40)
 
@@ -134,7 +134,7 @@ async def test_regen_pane_skip_and_server_choices(tmp_path):
         servers = w.query_one("#f-regen-servers", FieldRow)
         assert servers.disabled  # a local server is started by default
         w.query_one("#f-regen-launch-control", Select).value = "urls"
-        await pilot.pause()
+        await wait_for(lambda: not servers.disabled and "regen.servers" in reason(app), "the URLs mode")(pilot)
         assert app.config.regen.launch is None and not servers.disabled
         assert "regen.servers" in reason(app)  # URLs mode needs a URL
         await set_input(pilot, "f-regen-servers", "localhost:30000")
@@ -142,7 +142,7 @@ async def test_regen_pane_skip_and_server_choices(tmp_path):
         await set_input(pilot, "f-regen-servers", "http://a:1, http://b:2")
         assert app.config.regen.servers == ["http://a:1", "http://b:2"] and reason(app) == ""
         w.query_one("#f-regen-enabled-control", Switch).value = True  # skip
-        await pilot.pause()
+        await wait_for(lambda: w.query_one("#run", Button).disabled, "regen skipped")(pilot)
         assert app.config.regen.enabled is False
         assert w.query_one("#f-regen-concurrency", FieldRow).disabled
         assert w.query_one("#run", Button).disabled
@@ -158,7 +158,7 @@ async def test_features_pane_online_mode(tmp_path):
         await pilot.pause()
         assert str(w.query_one("#run", Button).label) == "Run cache"
         w.query_one("#f-features-mode-control", Select).value = "online"
-        await pilot.pause()
+        await wait_for(lambda: "cache" not in app.config.enabled_steps(), "online mode")(pilot)
         assert app.config.features.mode == "online"
         assert "cache" not in app.config.enabled_steps()
         assert w.query_one("#f-features-aux_dtype", FieldRow).disabled
@@ -174,7 +174,7 @@ async def test_serve_pane_eval_toggle_and_serve_rule(tmp_path):
         await pilot.pause()
         assert str(w.query_one("#run", Button).label) == "Run eval+export"
         w.query_one("#f-eval-enabled-control", Switch).value = False
-        await pilot.pause()
+        await wait_for(lambda: str(w.query_one("#run", Button).label) == "Run export", "eval off")(pilot)
         assert w.query_one("#f-eval-num_prompts", FieldRow).disabled
         assert str(w.query_one("#run", Button).label) == "Run export"
         command = str(w.query_one("#serve-command", Static).render())
@@ -185,13 +185,13 @@ async def test_serve_pane_eval_toggle_and_serve_rule(tmp_path):
         assert "(no command: --num-draft-tokens: with --topk 1" in str(w.query_one("#serve-command", Static).render())
         await set_input(pilot, "f-serve-num_draft_tokens", "4")
         w.query_one("#f-serve-engine-control", Select).value = "vllm"
-        await pilot.pause()
+        await wait_for(lambda: "vLLM (chosen)" in flat(w.query_one("#serve-command")), "the vLLM command")(pilot)
         command = " ".join(str(w.query_one("#serve-command", Static).render()).split())
         assert command.startswith("Serve with vLLM (chosen): vllm serve")
         assert '"num_speculative_tokens": 3' in command
         # other draft lengths to measure: a comma list into eval.compare_k, a bad one refused
         w.query_one("#f-eval-enabled-control", Switch).value = True
-        await pilot.pause()
+        await wait_for(lambda: not w.query_one("#f-eval-num_prompts", FieldRow).disabled, "eval on")(pilot)
         await set_input(pilot, "f-eval-compare_k", "1,2")
         assert app.config.eval.compare_k == [1, 2]
         await set_input(pilot, "f-eval-compare_k", "1,0")
