@@ -42,6 +42,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def target_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """A model folder by content, so a moved one keeps its outputs: the hash of config.json and of
+    the weight files' names and sizes (hashing 16 GB of weights on every resume is too slow)."""
+    path = Path(path)
+    weights = sorted((f.name, f.stat().st_size) for f in path.iterdir()
+                     if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
+    cfg = json.loads((path / "config.json").read_text())
+    return {"config_hash": settings_hash(cfg), "weights_hash": settings_hash({"files": weights})}
+
+
 def has_output(directory: str | os.PathLike) -> bool:
     """True if the folder holds anything besides our writer-lock file."""
     d = Path(directory)

@@ -324,6 +324,42 @@ def test_an_older_run_that_recorded_the_input_path_still_resumes_where_it_was(tm
     assert regenerate(cfg).requested == 0 and len(fault.requests) == n
 
 
+def test_a_moved_model_folder_resumes_and_another_model_is_refused(tmp_path, fault):
+    """A local model folder is known by its config and weight files, not its path (as the cache
+    knows it): the same model moved elsewhere resumes without a request; another one is refused,
+    and a run that recorded the folder's path, as older versions did, resumes where it was."""
+    import shutil
+
+    from core.manifest import load_manifest
+
+    model = tmp_path / "models" / "a"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    inp = write_conversations(tmp_path / "in.jsonl", [f"q{i}" for i in range(6)])
+    regenerate(make_cfg(tmp_path, inp, [fault.url], model=str(model)))
+    first, n = read_output(tmp_path / "out")[0], len(fault.requests)
+    assert set(load_manifest(tmp_path / "out").settings["model"]) == {"config_hash", "weights_hash"}
+
+    moved = shutil.move(model, tmp_path / "models" / "b")
+    res = regenerate(make_cfg(tmp_path, inp, [fault.url], model=str(moved), resume=True))
+    assert res.requested == 0 and len(fault.requests) == n and read_output(tmp_path / "out")[0] == first
+
+    (Path(moved) / "model.safetensors").write_bytes(b"\0" * 65)  # other weights
+    with pytest.raises(SettingsMismatchError, match="model"):
+        regenerate(make_cfg(tmp_path, inp, [fault.url], model=str(moved), resume=True))
+    (Path(moved) / "model.safetensors").write_bytes(b"\0" * 64)
+
+    m = load_manifest(tmp_path / "out")
+    m.settings["model"] = str(Path(moved).resolve())  # as earlier versions wrote it
+    m.save(tmp_path / "out")
+    res = regenerate(make_cfg(tmp_path, inp, [fault.url], model=str(moved), resume=True))
+    assert res.requested == 0 and len(fault.requests) == n
+    with pytest.raises(SettingsMismatchError, match="model"):  # such a run knows only the path
+        regenerate(make_cfg(tmp_path, inp, [fault.url], model=str(shutil.copytree(moved, tmp_path / "c")),
+                            resume=True))
+
+
 def test_retry_failed_on_resume_sends_only_the_failed_samples_again(tmp_path, fault):
     specs = [f"q{i}" for i in range(12)]
     specs[2], specs[3], specs[9] = "q2 fault=500x3", "q3 fault=500x2", "q9 fault=400"

@@ -140,6 +140,32 @@ def test_a_moved_run_and_dataset_resume(finished_run, tiny_target, data, tmp_pat
         train(tiny_cfg(tiny_target, moved_data, moved, max_steps=10, resume=True))
 
 
+def test_a_moved_target_folder_resumes_and_another_target_is_refused(finished_run, tiny_target, data,
+                                                                      tmp_path):
+    """The target folder is known by its config and weight files (as the cache knows it), not its
+    path: the same model copied elsewhere resumes; one with another config is refused."""
+    import shutil
+
+    out, _, _ = finished_run
+    run, target = tmp_path / "run", tmp_path / "models" / "target"
+    shutil.copytree(out, run)
+    shutil.copytree(tiny_target, target)
+    assert set(json.loads((run / "manifest.json").read_text())["settings"]["target"]) == {
+        "config_hash", "weights_hash"}
+    assert train(tiny_cfg(target, data, run, max_steps=10, resume=True)).resumed_from == 10
+    cfg = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    with pytest.raises(SettingsMismatchError, match="target"):
+        train(tiny_cfg(target, data, run, max_steps=10, resume=True))
+    (target / "config.json").write_text(json.dumps(cfg))
+    m = json.loads((run / "manifest.json").read_text())
+    m["settings"]["target"] = str(target.resolve())  # as earlier versions wrote it: kept for them
+    (run / "manifest.json").write_text(json.dumps(m))
+    assert train(tiny_cfg(target, data, run, max_steps=10, resume=True)).resumed_from == 10
+    with pytest.raises(SettingsMismatchError, match="target"):
+        train(tiny_cfg(tiny_target, data, run, max_steps=10, resume=True))
+
+
 def test_cli_refusal_is_one_line_with_exit_2(finished_run, tiny_target, data, capsys):
     from eagle_tui.cli import main
 

@@ -22,7 +22,7 @@ from core.cache.writer import ShardJob, WorkerJob, run_worker, worker_main
 from core.data.identity import CACHE_PROMPTS, write_prompt_list
 from core.errors import CorruptDataError, EagleError, InputDataError, UsageError
 from core.events import EventSink, Log, NullSink, Progress, RateMeter, ShardDone, StageFinished, StageStarted
-from core.manifest import MANIFEST, prepare_output_dir, read_json, sha256_file, settings_hash, write_bytes_atomic
+from core.manifest import MANIFEST, prepare_output_dir, read_json, sha256_file, target_fingerprint, write_bytes_atomic
 
 STAGE = "cache"
 TARGET_CONFIG = "target_config.json"
@@ -38,14 +38,6 @@ def resolve_target(target: str, events: EventSink | None = None) -> Path:
     if not (p / "config.json").exists():
         raise InputDataError("not a Hugging Face model folder (no config.json)", path=str(p))
     return p
-
-
-def target_fingerprint(path: Path) -> dict[str, Any]:
-    """Hash of config.json and of the weight files' names and sizes (hashing 16 GB is too slow)."""
-    weights = sorted((f.name, f.stat().st_size) for f in path.iterdir()
-                     if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
-    cfg = json.loads((path / "config.json").read_text())
-    return {"config_hash": settings_hash(cfg), "weights_hash": settings_hash({"files": weights})}
 
 
 def _keep_legacy_paths(out: Path, settings: dict[str, Any], resume: bool) -> None:

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from core.errors import UsageError
+from core.manifest import target_fingerprint
 from core.settings import DataSelection, Device, Settings, field_like, host_field, refuse
 from core.target_server import BACKENDS, READY_TIMEOUT_S
 
@@ -120,7 +121,7 @@ class RegenConfig(RegenSettings, DataSelection):
             # its path: a moved or renamed workdir keeps its answers; a hub dataset by its name
             "input": None if os.path.exists(self.input_data) else self.input_data, "split": self.split,
             "messages_column": self.messages_column, "shuffle_seed": self.shuffle_seed,
-            "limit": self.limit, "strict": self.strict, "model": _local_or_name(self.model),
+            "limit": self.limit, "strict": self.strict, "model": _model_identity(self.model),
             "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "seed": self.seed, "turns": self.turns,
             "reasoning": self.reasoning, "shard_size": self.shard_size,
@@ -167,6 +168,13 @@ def normalize_server_url(url: str) -> str:
     if not base.endswith("/v1"):
         base += "/v1"
     return base
+
+
+def _model_identity(value: str) -> Any:
+    """A local model folder by content (a moved one keeps its answers), anything else as a name."""
+    if os.path.isfile(os.path.join(value, "config.json")):
+        return target_fingerprint(value)
+    return _local_or_name(value)
 
 
 def _local_or_name(value: str) -> str:

@@ -33,16 +33,21 @@ def _input_fingerprint(convs: list) -> str:
     return h.hexdigest()[:16]
 
 
-def _keep_recorded_input(cfg: RegenConfig, settings: dict[str, Any]) -> None:
+def _keep_recorded_paths(cfg: RegenConfig, settings: dict[str, Any]) -> None:
     """Older runs recorded a local input's path among their settings. Where they also recorded the
     conversations' fingerprint (checked after loading), the same conversations at another path
-    resume them; without one the path is all there is, so it must still match."""
-    if settings["input"] is not None or not cfg.resume or not has_output(Path(cfg.output_dir)):
+    resume them; without one the path is all there is, so it must still match. A local model
+    folder they recorded by its path must likewise still be at that path."""
+    if not cfg.resume or not has_output(Path(cfg.output_dir)):
         return
     m = load_manifest(Path(cfg.output_dir))
-    recorded = m.settings.get("input") if m is not None and m.kind == "regen" else None
-    if recorded:
+    if m is None or m.kind != "regen":
+        return
+    recorded = m.settings.get("input")
+    if recorded and settings["input"] is None:
         settings["input"] = recorded if "input_fingerprint" in m.extra else os.path.abspath(cfg.input_data)
+    if isinstance(m.settings.get("model"), str) and isinstance(settings["model"], dict):
+        settings["model"] = os.path.abspath(cfg.model)
 
 
 def _precheck_output(cfg: RegenConfig, settings: dict[str, Any]) -> None:
@@ -98,7 +103,7 @@ def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
 
         check_backend_installed(cfg.launch)  # exit 2 with an install hint, before any work
     settings = cfg.content_settings()
-    _keep_recorded_input(cfg, settings)
+    _keep_recorded_paths(cfg, settings)
     _precheck_output(cfg, settings)
 
     from core.data import DataSpec, load_conversations  # lazy: pulls in datasets/pyarrow

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from core.errors import InputDataError, UsageError
+from core.manifest import target_fingerprint
 from core.settings import (Device, Settings, aux_layers_field, check_aux_layers, draft_vocab_size_field,
                            refuse)
 
@@ -177,8 +178,9 @@ class TrainConfig(TrainSettings):
         """The content-shaping settings stored in the run manifest (compared on --resume).
 
         A local dataset or cache is known by its content (the run's data fingerprint, compared on
-        --resume), not its path, so a moved or renamed workdir resumes; `recorded` (the manifest's
-        settings) keeps the path an older run recorded instead.
+        --resume) and a local target folder by `target_fingerprint`, not their paths, so a moved
+        or renamed workdir or model folder resumes; `recorded` (the manifest's settings) keeps the
+        path an older run recorded instead.
 
         `device_type` ("cpu"/"cuda") replaces device "auto", and picks the attention backend
         "auto" stands for: resuming a CPU run on a GPU would change the numbers.
@@ -194,6 +196,9 @@ class TrainConfig(TrainSettings):
             v = d.get(k)
             if v is not None and v != "demo" and _looks_local(v):
                 d[k] = str(Path(v).expanduser().resolve())
+                if k == "target" and (Path(d[k]) / "config.json").is_file():
+                    if not isinstance((recorded or {}).get(k), str):  # older runs recorded the path
+                        d[k] = target_fingerprint(d[k])
                 if k in ("data", "cache", "val_data", "data_exclude"):  # all in the data fingerprint
                     old = (recorded or {}).get(k)
                     d[k] = old if old not in (None, BY_CONTENT) else BY_CONTENT
