@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import math
-import random
 import shutil
 import sys
 import tempfile
@@ -168,16 +167,18 @@ def evaluate_one(run_dir: str, target: Path, data: Path, a: argparse.Namespace) 
 
 def tau_loss_interval(base: list[dict], other: list[dict], n: int = 2000) -> tuple[float, float]:
     """95% paired-bootstrap interval (over prompts) of 1 - τ(other)/τ(base), in %."""
+    from core.evaluate.report import bootstrap_interval, resample
+
     def totals(rows, pick):
         acc = sum(sum(d + 1 for d in rows[i]["accepted_drafts"]) for i in pick)
         steps = sum(len(rows[i]["accepted_drafts"]) for i in pick)
         return acc / max(1, steps)
 
-    rng = random.Random(0)
-    m = len(base)
-    vals = sorted(100 * (1 - totals(other, pick) / totals(base, pick))
-                  for pick in ([rng.randrange(m) for _ in range(m)] for _ in range(n)))
-    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+    def loss(rng) -> float:
+        pick = resample(rng, len(base))
+        return 100 * (1 - totals(other, pick) / totals(base, pick))
+
+    return bootstrap_interval(loss, n)
 
 
 # ---- main --------------------------------------------------------------------------------------

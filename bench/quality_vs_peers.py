@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -283,15 +282,14 @@ def ratio_interval(ours: list[list[dict]], theirs: list[list[dict]], n: int = 20
     """95% bootstrap interval of τ(ours) / τ(theirs). Each side holds one run per seed, each run its
     per-prompt accepted counts. Prompts are resampled paired (the same prompts for both sides);
     with several seeds each side's seeds are resampled too, so training noise widens the interval."""
-    rng = random.Random(0)
-    m, k = len(ours[0]), len(ours)
-    vals = []
-    for _ in range(n):
-        pick = [rng.randrange(m) for _ in range(m)]
-        so, st = ([rng.randrange(k) for _ in range(k)] for _ in range(2))
-        vals.append(pooled_tau(ours, so, pick) / pooled_tau(theirs, st, pick))
-    vals.sort()
-    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+    from core.evaluate.report import bootstrap_interval, resample
+
+    def ratio(rng) -> float:
+        pick = resample(rng, len(ours[0]))
+        so, st = resample(rng, len(ours)), resample(rng, len(theirs))
+        return pooled_tau(ours, so, pick) / pooled_tau(theirs, st, pick)
+
+    return bootstrap_interval(ratio, n)
 
 
 # ---- main ---------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ttt-1": {"ttt_length": 1},
     "decay-1": {"decay": 1.0},
     "val-0": {"val_fraction": 0.0},  # the validation share trains too (checkpoints are chosen by held-out τ)
+    "layers-2": {"num_layers": 2},  # two decoder layers in the draft
     "seed-1": {"seed": 1},  # the noise floor: same settings, another seed
 }
 
@@ -85,15 +85,17 @@ def data_curve(rows: list[dict[str, Any]], cache_samples: int) -> str | None:
 def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int = 2000) -> tuple[float, float]:
     """95% bootstrap interval over prompts of τ(other) / τ(base); each list holds, per prompt, the
     accepted draft counts of every verification."""
-    rng = random.Random(0)
+    from core.evaluate.report import bootstrap_interval, resample
 
     def tau(rows: list[list[int]], pick: list[int]) -> float:
         acc = [a for i in pick for a in rows[i]]
         return sum(a + 1 for a in acc) / max(1, len(acc))
 
-    idx = list(range(len(base)))
-    ratios = sorted(tau(other, p) / tau(base, p) for p in ([rng.choice(idx) for _ in idx] for _ in range(n)))
-    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
+    def ratio(rng) -> float:
+        pick = resample(rng, len(base))
+        return tau(other, pick) / tau(base, pick)
+
+    return bootstrap_interval(ratio, n)
 
 
 def run_variant(name: str, overrides: dict[str, Any], cfg: Any, target: str, out: Path) -> dict[str, Any]:

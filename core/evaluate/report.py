@@ -20,8 +20,10 @@ Definitions (documented in the report itself):
 
 from __future__ import annotations
 
+import math
+import random
 from statistics import mean
-from typing import Any
+from typing import Any, Callable
 
 DEFINITIONS = {
     "tau": "mean accept length per verification step, bonus token included (as SGLang counts it)",
@@ -70,22 +72,30 @@ def tokens_per_s(runs: list[dict[str, Any]]) -> tuple[float | None, float | None
     return rate("generated_tokens", "spec_wall_s"), rate("reference_tokens", "reference_wall_s")
 
 
+def bootstrap_interval(stat: Callable[[random.Random], float], n: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval: `stat` draws one resample with the given generator (seeded,
+    so a report is reproducible) and returns the statistic on it."""
+    rng = random.Random(0)
+    vals = sorted(stat(rng) for _ in range(n))
+    return vals[int(0.025 * n)], vals[int(0.975 * n) - 1]
+
+
+def resample(rng: random.Random, m: int) -> list[int]:
+    """m indices drawn with replacement from range(m): one bootstrap resample of m prompts."""
+    return [rng.randrange(m) for _ in range(m)]
+
+
 def speedup_interval(pairs: list[tuple[int, float, int, float]], n: int = 2000) -> list[float] | None:
     """95% paired-bootstrap interval over prompts of (sum tokens_a / sum s_a) / (sum tokens_b / sum s_b),
     pairs = (tokens_a, seconds_a, tokens_b, seconds_b) per prompt: how far the prompts alone move
     a measured speedup (machine noise comes on top)."""
-    import math
-    import random
-
     def ratio(pick: list[int]) -> float:
         ta, sa, tb, sb = (sum(pairs[i][j] for i in pick) for j in range(4))
         return (ta / sa) / (tb / sb) if sa > 0 and sb > 0 and tb > 0 else math.nan
 
     if len(pairs) < 2 or math.isnan(ratio(list(range(len(pairs))))):
         return None
-    rng, m = random.Random(0), len(pairs)
-    vals = sorted(ratio([rng.randrange(m) for _ in range(m)]) for _ in range(n))
-    return [vals[int(0.025 * n)], vals[int(0.975 * n) - 1]]
+    return list(bootstrap_interval(lambda rng: ratio(resample(rng, len(pairs))), n))
 
 
 def _pairs(runs: list[dict[str, Any]]) -> list[tuple[int, float, int, float]]:
