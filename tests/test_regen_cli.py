@@ -62,6 +62,9 @@ def test_killed_mid_run_then_resume_gives_every_sample_exactly_once(tmp_path):
             proc.send_signal(sig)
             proc.wait(60)
             assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+            if sig == signal.SIGTERM:  # one line saying so and how to continue (Typer alone prints none)
+                assert proc.stderr.read().decode().strip().splitlines()[-1] == (
+                    "error: interrupted; finished work is kept: the same command with --resume continues it")
             finished = journal_keys(out)  # what was on disk at the kill
             assert len(finished) < N  # really mid-run
             kills.append((len(srv.requests), {f"q{i}" for i in finished}))
@@ -123,3 +126,15 @@ def test_missing_backend_exits_2_with_install_hint(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
     r = eagle("target-server", "start", "--backend", "sglang", "--model", "org/model")
     assert r.returncode == 2 and "sglang is not installed" in r.stderr and "pip install" in r.stderr
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--events", "jsonl", "run", "x.yaml"], "the same command with --resume continues it"),
+    (["--debug", "train", "--target", "t"], "the same command with --resume continues it"),
+    (["demo", "--quick"], "`eagle demo` again continues it"),
+    (["eval", "--draft", "d"], None),
+])
+def test_the_interrupt_line_says_how_to_continue(args, hint):
+    from eagle_tui.cli import _interrupted
+
+    assert _interrupted(args) == ("interrupted" if hint is None else f"interrupted; finished work is kept: {hint}")

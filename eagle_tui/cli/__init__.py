@@ -73,15 +73,31 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+RESUMABLE = ("regen", "cache", "train", "run")  # commands whose finished work --resume continues
+
+
+def _interrupted(args: list[str]) -> str:
+    command = next((a for a in args if not a.startswith("-") and a != "jsonl" and a != "text"), "")
+    if command in RESUMABLE:
+        return "interrupted; finished work is kept: the same command with --resume continues it"
+    if command == "demo":
+        return "interrupted; finished work is kept: `eagle demo` again continues it"
+    return "interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
         rc = app(args=argv, standalone_mode=False)
-        # click returns (not raises) typer.Exit's code when standalone_mode is False
+        # click returns (not raises) typer.Exit's code when standalone_mode is False; Typer turns
+        # Ctrl-C (and SIGTERM where a command maps it to KeyboardInterrupt) into a silent Exit(130)
+        if rc == EXIT_INTERRUPTED:
+            return _fail(_interrupted(args), EXIT_INTERRUPTED)
         return rc if isinstance(rc, int) else 0
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        return _fail(_interrupted(args), EXIT_INTERRUPTED)
     except TyperException as e:  # Typer vendors click: a usage error (unknown option, bad value) is exit 2
         if not hasattr(e, "show"):
             raise
