@@ -124,10 +124,11 @@ def test_best_follows_heldout_tau(selected_run):
     assert [m["step"] for m in lines] == [2, 4, 6]
     for m in lines:
         assert m["prompts"] == 3 and 1.0 <= m["tau"] <= 3.0 and "acc_pos_1" in m
-    top = max(lines, key=lambda m: (m["tau"], -m["step"]))  # the first of equal τ stays best
+    val = {m["step"]: m["loss"] for m in metric_lines(run, "val")}
+    top = max(lines, key=lambda m: (m["tau"], -val[m["step"]]))  # equal τ: the lower validation loss
     assert (run / "best").read_text().strip() == f"checkpoints/step-{top['step']}"
     assert json.loads((run / "best.json").read_text())["tau"] == top["tau"]
-    assert result.best == {"step": top["step"], "tau": top["tau"], "prompts": 3}
+    assert result.best == {"step": top["step"], "tau": top["tau"], "prompts": 3, "val_loss": val[top["step"]]}
     # pruning keeps `best` and `latest` even with keep_last 1
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == sorted({f"step-{top['step']}", "step-6"})
@@ -139,6 +140,16 @@ def test_best_follows_heldout_tau(selected_run):
         pick_checkpoint(run, "step-3")
     with pytest.raises(InputDataError, match="is not best, latest"):
         pick_checkpoint(run, "newest")
+
+
+def test_a_tie_in_heldout_tau_goes_to_the_lower_validation_loss_else_the_later_checkpoint():
+    from core.train.checkpoint import beats_best
+
+    best = {"step": 200, "tau": 1.327, "prompts": 4, "val_loss": 4.89}
+    assert beats_best({}, 1.0, None)
+    assert beats_best(best, 1.33, 9.0) and not beats_best(best, 1.32, 1.0)  # τ decides first
+    assert beats_best(best, 1.327, 4.32) and not beats_best(best, 1.327, 4.9)  # then validation loss
+    assert beats_best(best, 1.327, None) and beats_best({"step": 2, "tau": 1.327}, 1.327, 4.0)  # else later
 
 
 def _eagle(*args):

@@ -223,6 +223,17 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     return d if (d / STATE_FILE).exists() else None
 
 
+def beats_best(best: dict[str, Any], tau: float, val_loss: float | None) -> bool:
+    """Whether a checkpoint with held-out τ `tau` replaces `best`. A few short selection prompts
+    often give checkpoints the very same τ (the same accepted counts): the tie goes to the lower
+    validation loss, else to the later checkpoint, not to the first one reached (a run on 388
+    conversations kept step 200 of 786 that way, tied with steps 600, 700 and 786)."""
+    if not best or tau != best["tau"]:
+        return not best or tau > best["tau"]
+    old = best.get("val_loss")
+    return val_loss is None or old is None or val_loss < old
+
+
 def mark_best(run_dir: str | Path, step: int, info: dict[str, Any]) -> None:
     """Point `best` at checkpoints/step-N (written after the checkpoint itself, atomically)."""
     run_dir = Path(run_dir)

@@ -384,13 +384,14 @@ class _Trainer:
             last = done == self.total
             if not last and self.stop.agreed(self.env.distributed, self.env.device):
                 self._stop_at(done)  # every process agrees on `done`: none waits on another
+            v = None
             if done % cfg.resolved_eval_every() == 0 or last:
                 v = self._log_val(done)
                 val_first = val_first or v
                 val_last = v or val_last
             if done % cfg.save_every == 0 or last:
                 last_ckpt = self._save(done)
-                self._select(done, last_ckpt)
+                self._select(done, last_ckpt, v)
         if self.start_step >= self.total:
             self.events(Log(stage=STAGE, message=f"nothing to do: the run is at step {self.start_step} "
                                                  f"of {self.total}"))
@@ -422,14 +423,17 @@ class _Trainer:
             f"continue with --resume")))
         raise KeyboardInterrupt
 
-    def _select(self, step: int, path: Path | None) -> None:
+    def _select(self, step: int, path: Path | None, val: dict[str, float] | None) -> None:
         """Held-out real τ of the checkpoint just saved; `best` follows the highest (rank 0)."""
         if self.selector is not None and path is not None:
             m = self.selector.measure(path)
             if self.log is not None:
                 self.log.write(step, "heldout", m)
-            if not self.best or m["tau"] > self.best["tau"]:
+            loss = (val or {}).get("loss")
+            if ckpt.beats_best(self.best, m["tau"], loss):
                 self.best = {"step": step, "tau": m["tau"], "prompts": m["prompts"]}
+                if loss is not None:
+                    self.best["val_loss"] = loss
                 ckpt.mark_best(self.run_dir, step, self.best)
                 ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
         D.barrier(self.env)
