@@ -167,12 +167,10 @@ def evaluate_one(run_dir: str, target: Path, data: Path, a: argparse.Namespace) 
 
 def tau_loss_interval(base: list[dict], other: list[dict], n: int = 2000) -> tuple[float, float]:
     """95% paired-bootstrap interval (over prompts) of 1 - τ(other)/τ(base), in %."""
-    from core.evaluate.report import bootstrap_interval, resample
+    from core.evaluate.report import bootstrap_interval, pooled_tau, resample
 
     def totals(rows, pick):
-        acc = sum(sum(d + 1 for d in rows[i]["accepted_drafts"]) for i in pick)
-        steps = sum(len(rows[i]["accepted_drafts"]) for i in pick)
-        return acc / max(1, steps)
+        return pooled_tau([d for i in pick for d in rows[i]["accepted_drafts"]]) or 1.0
 
     def loss(rng) -> float:
         pick = resample(rng, len(base))

@@ -266,16 +266,13 @@ def one_seed(a: argparse.Namespace, seed: int, cache: str, target: Path, heldout
             "convert_max_logit_diff": diff}
 
 
-def pooled_tau(runs: list[list[dict]], seeds: list[int] | None = None, pick: list[int] | None = None) -> float:
+def runs_tau(runs: list[list[dict]], seeds: list[int] | None = None, pick: list[int] | None = None) -> float:
     """τ over every verification of the chosen seeds' runs on the chosen prompts (default: all)."""
+    from core.evaluate.report import pooled_tau
+
     seeds = range(len(runs)) if seeds is None else seeds
-    acc = steps = 0
-    for s in seeds:
-        rows = runs[s]
-        for i in (range(len(rows)) if pick is None else pick):
-            acc += sum(d + 1 for d in rows[i]["accepted_drafts"])
-            steps += len(rows[i]["accepted_drafts"])
-    return acc / max(1, steps)
+    return pooled_tau([d for s in seeds for i in (range(len(runs[s])) if pick is None else pick)
+                       for d in runs[s][i]["accepted_drafts"]]) or 1.0
 
 
 def ratio_interval(ours: list[list[dict]], theirs: list[list[dict]], n: int = 2000) -> tuple[float, float]:
@@ -287,7 +284,7 @@ def ratio_interval(ours: list[list[dict]], theirs: list[list[dict]], n: int = 20
     def ratio(rng) -> float:
         pick = resample(rng, len(ours[0]))
         so, st = resample(rng, len(ours)), resample(rng, len(theirs))
-        return pooled_tau(ours, so, pick) / pooled_tau(theirs, st, pick)
+        return runs_tau(ours, so, pick) / runs_tau(theirs, st, pick)
 
     return bootstrap_interval(ratio, n)
 
@@ -364,7 +361,7 @@ def main() -> int:
             return 1
 
     ours, theirs = ([r["eval"][side]["per_prompt"] for r in runs] for side in ("ours", "speculators"))
-    ratio = pooled_tau(ours) / pooled_tau(theirs)
+    ratio = runs_tau(ours) / runs_tau(theirs)
     r_lo, r_hi = ratio_interval(ours, theirs)
     say("")
     say(f"{'draft':<13}{'seed':>5}{'τ':>7}{'accept/position (1..3)':>26}{'lossless':>10}{'train tok/s':>13}")
@@ -376,7 +373,7 @@ def main() -> int:
     say("  (train tok/s: each trainer's own step clock, reading and target computation included, one "
         "run each under whatever load the machine had; bench/train.py is the speed comparison)")
     over = f"{len(ours[0])} prompts" + (f" and {len(seeds)} seeds per side" if len(seeds) > 1 else "")
-    say(f"ratio ours / speculators: {ratio:.3f}x (τ {pooled_tau(ours):.3f} vs {pooled_tau(theirs):.3f}; 95% "
+    say(f"ratio ours / speculators: {ratio:.3f}x (τ {runs_tau(ours):.3f} vs {runs_tau(theirs):.3f}; 95% "
         f"bootstrap over {over}: [{r_lo:.3f}, {r_hi:.3f}]); goal >= 1.15x")
     say(f"wall time {(time.perf_counter() - t_all) / 60:.1f} min (peer venv {peer['venv']})")
     if a.json:

@@ -85,11 +85,10 @@ def data_curve(rows: list[dict[str, Any]], cache_samples: int) -> str | None:
 def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int = 2000) -> tuple[float, float]:
     """95% bootstrap interval over prompts of τ(other) / τ(base); each list holds, per prompt, the
     accepted draft counts of every verification."""
-    from core.evaluate.report import bootstrap_interval, resample
+    from core.evaluate.report import bootstrap_interval, pooled_tau, resample
 
     def tau(rows: list[list[int]], pick: list[int]) -> float:
-        acc = [a for i in pick for a in rows[i]]
-        return sum(a + 1 for a in acc) / max(1, len(acc))
+        return pooled_tau([a for i in pick for a in rows[i]]) or 1.0
 
     def ratio(rng) -> float:
         pick = resample(rng, len(base))

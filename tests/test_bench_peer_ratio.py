@@ -30,19 +30,19 @@ def test_ratio_pools_seeds_and_its_interval_includes_seed_noise():
     prompts = [[1, 0, 2, 1], [0, 0, 1], [2, 2, 1, 0, 1], [1, 1], [0, 1, 0, 0], [3, 0, 1]]
     theirs = [run(prompts)]
     # one seed, the same drafts on both sides: ratio 1 and a zero-width interval
-    assert q.pooled_tau(theirs) == q.pooled_tau([run(prompts)])
+    assert q.runs_tau(theirs) == q.runs_tau([run(prompts)])
     assert q.ratio_interval([run(prompts)], theirs) == (1.0, 1.0)
 
     # pooled over every verification of every seed: (sum of accepted + 1) / verifications
     better = [[d + 1 for d in p] for p in prompts]
     both = [run(prompts), run(better)]
     n = sum(len(p) for p in prompts)
-    assert abs(q.pooled_tau(both) - (2 * sum(d + 1 for p in prompts for d in p) + n) / (2 * n)) < 1e-12
+    assert abs(q.runs_tau(both) - (2 * sum(d + 1 for p in prompts for d in p) + n) / (2 * n)) < 1e-12
 
     # one side's two seeds disagree: the interval must cover both seeds' ratios' spread
     lo1, hi1 = q.ratio_interval([run(better)], theirs)
     lo2, hi2 = q.ratio_interval(both, [run(prompts), run(prompts)])
-    ratio = q.pooled_tau(both) / q.pooled_tau(theirs)
+    ratio = q.runs_tau(both) / q.runs_tau(theirs)
     assert lo2 < ratio < hi2
     assert lo2 <= 1.0 + 1e-9  # a resample may draw the equal seed twice
     assert hi2 - lo2 > (hi1 - lo1) / 2 and lo1 > 1.0

@@ -49,6 +49,12 @@ def accepted_counts(accepted: list[int], k: int) -> dict[str, Any]:
             "accepted_per_pos": [sum(1 for n in accepted if n > i) for i in range(k)]}
 
 
+def pooled_tau(accepted: list[int]) -> float | None:
+    """τ (bonus token counted) over every verification, from each one's accepted draft tokens (0..k);
+    pooled, so a prompt weighs by its verifications, as an engine's counters weigh it."""
+    return (sum(accepted) + len(accepted)) / len(accepted) if accepted else None
+
+
 def acceptance(accepted: list[int], k: int) -> dict[str, Any]:
     """τ (bonus token counted) and acceptance per draft position from the number of accepted
     draft tokens (0..k) of every verification."""
@@ -56,7 +62,7 @@ def acceptance(accepted: list[int], k: int) -> dict[str, Any]:
     steps, per_pos = c["drafts"], c["accepted_per_pos"]
     reached = [steps, *per_pos[:-1]]  # verifications that got to position i: n >= i, i.e. n > i - 1
     return {
-        "tau": ((c["accepted"] + steps) / steps) if steps else None,
+        "tau": pooled_tau(accepted),
         "verify_steps": steps,
         "accept_rate": [a / steps if steps else None for a in per_pos],
         "conditional_accept_rate": [(a / r) if r else None for a, r in zip(per_pos, reached)],
