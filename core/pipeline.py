@@ -268,7 +268,8 @@ def summarize(cfg: RunConfig, target: str, steps: dict[str, dict[str, Any]], tim
                          "step_seconds": timings}
     if "eval" in steps:
         ev = steps["eval"]
-        s.update(tau=ev.get("tau"), tau_sim=ev.get("tau_sim"), lossless=ev.get("lossless"),
+        s.update(tau=ev.get("tau"), tau_interval=ev.get("tau_interval"), tau_sim=ev.get("tau_sim"),
+                 lossless=ev.get("lossless"),
                  accept_rate=ev.get("accept_rate"), implied_speedup=ev.get("implied_speedup"),
                  measured_speedup=ev.get("measured_speedup"),
                  measured_speedup_interval=ev.get("measured_speedup_interval"), prompt_set=ev.get("prompt_set"),

@@ -113,6 +113,8 @@ def test_trained_draft_tau_above_one_and_lossless(trained, capsys):
     assert rep["num_prompts"] == 4 and rep["draft_info"]["kind"] == "run"
     assert s["lossless"] and all(p["lossless"] for p in rep["prompts"])
     assert s["tau"] > 1.2, s
+    lo, hi = s["tau_interval"]
+    assert lo <= s["tau"] <= hi and f"{s['tau']:.3f} [{lo:.2f}, {hi:.2f}]" in text
     assert len(s["accept_rate"]) == 3 and s["accept_rate"][0] >= s["accept_rate"][1] >= s["accept_rate"][2]
     assert s["cost_ratio"] > 0
     assert s["implied_speedup"] == pytest.approx(s["tau"] / (1 + 3 * s["cost_ratio"]))
@@ -259,3 +261,16 @@ def test_speedup_interval_is_a_paired_bootstrap_over_prompts():
     assert speedup_interval([(100, 1.0, 100, 1.0)]) is None  # one prompt: no spread to measure
     assert speedup_interval([(100, 1.0, 0, 0.0)] * 3) is None
     assert interval_text([1.0312, 1.2]) == " [1.03, 1.20]" and interval_text(None) == ""
+
+
+def test_tau_interval_is_a_bootstrap_over_prompts():
+    """τ's interval resamples prompts, pooling their verifications: equal prompts give a point,
+    unequal ones an interval around the pooled τ; one prompt gives none."""
+    from core.evaluate.report import pooled_tau, tau_interval
+
+    assert pooled_tau([0, 1, 3]) == pytest.approx(7 / 3) and pooled_tau([]) is None
+    assert tau_interval([[1, 0]] * 4) == [pytest.approx(1.5)] * 2
+    spread = [[0, 0, 0], [3, 3, 3]] * 6  # τ 1 and τ 4 prompts: pooled 2.5
+    lo, hi = tau_interval(spread)
+    assert 1.0 <= lo < 2.5 < hi <= 4.0
+    assert tau_interval([[2, 1]]) is None and tau_interval([[2, 1], []]) is None

@@ -288,7 +288,8 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
 
         write_json_atomic(cfg.output, report)
     events(StageFinished(stage=STAGE, summary={
-        "tau": summary["tau"], "tau_sim": report["tau_sim"], "accept_rate": summary["accept_rate"],
+        "tau": summary["tau"], "tau_interval": summary["tau_interval"], "tau_sim": report["tau_sim"],
+        "accept_rate": summary["accept_rate"],
         "cost_ratio": summary["cost_ratio"], "implied_speedup": summary["implied_speedup"],
         "measured_speedup": summary["measured_speedup"], "lossless": summary["lossless"],
         "prompt_set": summary["prompt_set"], "output": cfg.output}))

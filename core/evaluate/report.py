@@ -32,6 +32,7 @@ DEFINITIONS = {
     "cost_ratio": "one single-position draft step time / one single-token target decode forward time",
     "implied_speedup": "tau / (1 + k * cost_ratio)",
     "measured_speedup": "speculative tokens/s / plain greedy tokens/s, wall clock on this machine",
+    "tau_interval": "95% bootstrap interval over prompts of tau: how far other prompts like these could move it",
     "measured_speedup_interval": "95% paired-bootstrap interval over prompts of measured_speedup",
     "by_k": "tau and measured speedup at each k of --compare-k (and the main k), the same prompts and "
             "greedy references; fastest_k is the k with the highest measured speedup",
@@ -91,6 +92,15 @@ def resample(rng: random.Random, m: int) -> list[int]:
     return [rng.randrange(m) for _ in range(m)]
 
 
+def tau_interval(per_prompt: list[list[int]], n: int = 2000) -> list[float] | None:
+    """95% bootstrap interval over prompts of the pooled τ; per_prompt holds each prompt's accepted
+    draft counts per verification. None with fewer than two prompts (no spread to measure)."""
+    if len([p for p in per_prompt if p]) < 2:
+        return None
+    return list(bootstrap_interval(
+        lambda rng: pooled_tau([a for i in resample(rng, len(per_prompt)) for a in per_prompt[i]]) or 1.0, n))
+
+
 def speedup_interval(pairs: list[tuple[int, float, int, float]], n: int = 2000) -> list[float] | None:
     """95% paired-bootstrap interval over prompts of (sum tokens_a / sum s_a) / (sum tokens_b / sum s_b),
     pairs = (tokens_a, seconds_a, tokens_b, seconds_b) per prompt: how far the prompts alone move
@@ -123,6 +133,7 @@ def aggregate(prompts: list[dict[str, Any]], k: int) -> dict[str, Any]:
     mismatches = [p for p in prompts if not p["lossless"]]
     return {
         **acc,
+        "tau_interval": tau_interval([p["accepted_drafts"] for p in prompts]),
         "target_forward_ms": t_target * 1e3 if t_target is not None else None,
         "draft_step_ms": t_draft * 1e3 if t_draft is not None else None,
         "verify_forward_ms": (_safe_mean([t for p in prompts for t in p["verify_times"]]) or 0) * 1e3,
@@ -145,7 +156,8 @@ def by_k(rows: list[dict[str, Any]], k: int, others: dict[int, list[dict[str, An
     for kk, runs in sorted({k: rows, **others}.items()):
         acc = acceptance([n for r in runs for n in r["accepted_drafts"]], kk)
         spec_tps, base_tps = tokens_per_s(runs)
-        out.append({"k": kk, "tau": acc["tau"], "accept_rate": acc["accept_rate"],
+        out.append({"k": kk, "tau": acc["tau"], "tau_interval": tau_interval([r["accepted_drafts"] for r in runs]),
+                    "accept_rate": acc["accept_rate"],
                     "measured_speedup": spec_tps / base_tps if spec_tps and base_tps else None,
                     "measured_speedup_interval": speedup_interval(_pairs(runs)),
                     "lossless": all(r["lossless"] for r in runs)})
@@ -175,7 +187,8 @@ def render_summary(report: dict[str, Any]) -> str:
     lines = [
         f"prompts {report['num_prompts']} ({prompt_set_label(s.get('prompt_set'))}), "
         f"k={report['num_draft_tokens']}, greedy, device {report['device']}",
-        f"tau (accept length, bonus incl.) {f(s['tau'])}   tau_sim (training) {f(report.get('tau_sim'))}",
+        f"tau (accept length, bonus incl.) {f(s['tau'])}{interval_text(s.get('tau_interval'))}   "
+        f"tau_sim (training) {f(report.get('tau_sim'))}",
         "accept rate by draft position: " + ", ".join(f(x, "{:.2f}") for x in s["accept_rate"]),
         f"draft step {f(s['draft_step_ms'], '{:.2f}')} ms / target forward "
         f"{f(s['target_forward_ms'], '{:.2f}')} ms = cost ratio {f(s['cost_ratio'])}",
@@ -184,7 +197,7 @@ def render_summary(report: dict[str, Any]) -> str:
         f"({f(s['spec_tokens_per_s'], '{:.1f}')} vs {f(s['greedy_tokens_per_s'], '{:.1f}')} tokens/s); "
         f"implied tau/(1+k*c) {f(s['implied_speedup'], '{:.2f}')}x",
         *([("by k, measured here on the same prompts: " + "; ".join(
-            f"k={r['k']} τ {f(r['tau'])} {f(r['measured_speedup'], '{:.2f}')}x"
+            f"k={r['k']} τ {f(r['tau'])}{interval_text(r.get('tau_interval'))} {f(r['measured_speedup'], '{:.2f}')}x"
             + interval_text(r.get("measured_speedup_interval"))
             + ("" if r["lossless"] else " NOT lossless") for r in s["by_k"])
             + f"; fastest here: k={s['fastest_k']}")] if s.get("by_k") else []),

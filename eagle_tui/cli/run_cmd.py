@@ -158,7 +158,8 @@ def _print_summary(s: dict) -> None:
     if s.get("tau") is not None:
         sim = f"; training's simulated τ {s['tau_sim']:.2f}" if s.get("tau_sim") else ""
         rates = " / ".join(f"{r:.2f}" for r in s.get("accept_rate") or [] if r is not None)
-        common.echo(f"accept length τ {s['tau']:.2f} (real chain decoding, k={s['num_draft_tokens']}, "
+        common.echo(f"accept length τ {s['tau']:.2f}{interval_text(s.get('tau_interval'))} "
+                    f"(real chain decoding, k={s['num_draft_tokens']}, "
                     f"greedy, bonus token counted; {prompt_set_label(s.get('prompt_set'))} prompts; "
                     f"per position {rates}{sim})")
         if s.get("best_heldout_tau") is not None:
@@ -171,7 +172,8 @@ def _print_summary(s: dict) -> None:
                     f"cost ratio: {s['implied_speedup']:.2f}x")
         if s.get("by_k"):
             common.echo("by draft length, same prompts: " + "; ".join(
-                f"k={r['k']} τ {r['tau']:.2f}, measured {r['measured_speedup']:.2f}x"
+                f"k={r['k']} τ {r['tau']:.2f}{interval_text(r.get('tau_interval'))}, "
+                f"measured {r['measured_speedup']:.2f}x"
                 f"{interval_text(r.get('measured_speedup_interval'))}" for r in s["by_k"])
                 + f" (fastest here: k={s['fastest_k']})")
         common.echo(f"lossless: {'yes, every prompt matched the target' if s.get('lossless') else 'NO'}")

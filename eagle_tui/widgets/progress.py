@@ -121,7 +121,8 @@ def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
     return out
 
 
-PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"), ("prompt_set", "τ measured on"),
+PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"),
+                 ("tau_interval", "τ, 95% interval over prompts"), ("prompt_set", "τ measured on"),
                  ("tau_sim", "τ_sim (training)"), ("best_heldout_tau", "checkpoint's held-out τ"),
                  ("measured_speedup", "speedup measured here"),
                  ("measured_speedup_interval", "speedup measured here, 95% interval over prompts"),
