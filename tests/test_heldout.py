@@ -117,7 +117,7 @@ def test_run_records_what_trained_it_and_not_the_heldout(selected_run):
                                                       for x in held.path.read_text().splitlines()}
 
 
-def test_best_follows_heldout_tau(selected_run):
+def test_best_follows_heldout_tau(selected_run, tiny_target):
     root, _, _, result, sink = selected_run
     run = root / "run"
     lines = metric_lines(run, "heldout")
@@ -140,6 +140,12 @@ def test_best_follows_heldout_tau(selected_run):
         pick_checkpoint(run, "step-3")
     with pytest.raises(InputDataError, match="is not best, latest"):
         pick_checkpoint(run, "newest")
+    # eval refuses a wrong checkpoint before it reads any data or loads the target
+    from core.evaluate import EvalConfig, evaluate
+
+    with pytest.raises(InputDataError, match="no checkpoint step-3"):
+        evaluate(EvalConfig(target=str(tiny_target), draft=str(run), checkpoint="step-3",
+                            data=str(root / "no-such.jsonl")))
 
 
 def test_a_tie_in_heldout_tau_goes_to_the_lower_validation_loss_else_the_later_checkpoint():

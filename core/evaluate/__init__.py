@@ -197,8 +197,11 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
     from core.evaluate.report import DEFINITIONS, aggregate, by_k, render_summary
     from core.evaluate.spec_decode import AuxCapture, greedy_generate, speculative_generate
 
+    from core.model.load import locate_draft
+
     events = events or NullSink()
     cfg.validate()
+    locate_draft(cfg.draft, cfg.checkpoint)  # a wrong --draft / --checkpoint before the target loads
     if cfg.output:  # one writer per report file; the draft and the data are only read
         from core import locking
 

@@ -51,19 +51,26 @@ class DraftInfo:
         return load_vocab(self.vocab_dir)
 
 
-def read_draft(path: str | Path, target_model: Any = None, which: str = "best",
-               target_num_layers: int | None = None) -> tuple[DraftConfig, dict[str, torch.Tensor], DraftInfo]:
+def locate_draft(path: str | Path, which: str = "best") -> tuple[Path, bool]:
+    """(folder, True for a run or checkpoint / False for a serving folder): cheap, so a wrong --draft
+    or checkpoint is refused before a target model loads."""
     from core.train.checkpoint import find_checkpoint
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise InputDataError("no such draft folder (run, checkpoint or export)", path=str(p))
     if find_checkpoint(p, which) is not None:
-        return _read_checkpoint(p, which)
+        return p, True
     if (p / "config.json").is_file():
-        return _read_serving(p, target_model, target_num_layers)
+        return p, False
     raise InputDataError("neither a training run / checkpoint nor a serving folder (no manifest.json, "
                          "draft.safetensors or config.json)", path=str(p))
+
+
+def read_draft(path: str | Path, target_model: Any = None, which: str = "best",
+               target_num_layers: int | None = None) -> tuple[DraftConfig, dict[str, torch.Tensor], DraftInfo]:
+    p, is_run = locate_draft(path, which)
+    return _read_checkpoint(p, which) if is_run else _read_serving(p, target_model, target_num_layers)
 
 
 def _read_checkpoint(path: Path, which: str):
