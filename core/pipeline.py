@@ -148,7 +148,8 @@ def _eval(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[
                     data=str(cfg.heldout_path()), output=str(cfg.step_output_dir("eval")),
                     offset=cfg.train.select_prompts, device=cfg.target.device)
     report = evaluate(ec, events)
-    return {"output": ec.output, **report["summary"], "tau_sim": report.get("tau_sim")}
+    return {"output": ec.output, **report["summary"], "tau_sim": report.get("tau_sim"),
+            "tau_sim_train": report.get("tau_sim_train")}
 
 
 def _export(cfg: RunConfig, target: str, resume: bool, events: EventSink) -> dict[str, Any]:
@@ -269,7 +270,7 @@ def summarize(cfg: RunConfig, target: str, steps: dict[str, dict[str, Any]], tim
     if "eval" in steps:
         ev = steps["eval"]
         s.update(tau=ev.get("tau"), tau_interval=ev.get("tau_interval"), tau_sim=ev.get("tau_sim"),
-                 lossless=ev.get("lossless"),
+                 tau_sim_train=ev.get("tau_sim_train"), lossless=ev.get("lossless"),
                  accept_rate=ev.get("accept_rate"), implied_speedup=ev.get("implied_speedup"),
                  measured_speedup=ev.get("measured_speedup"),
                  measured_speedup_interval=ev.get("measured_speedup_interval"), prompt_set=ev.get("prompt_set"),

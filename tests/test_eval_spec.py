@@ -90,6 +90,7 @@ def trained(tmp_path_factory):
     Manifest(kind="train", format_version=1, settings={}, extra={"target": str(target_dir)}).save(run)
     write_run_embeddings(run, draft.embed_tokens.weight)
     save_checkpoint(run, 40, draft.state_dict(), opt.state_dict(), {"epoch": 0}, draft.config.to_dict(), 1)
+    write_metrics_line(run, {"step": 40, "split": "train", "epoch": 0.0, "supervised": 8.0, "tau_sim": 1.0})
     write_metrics_line(run, {"step": 40, "split": "val", "tau_sim": float(out.tau_sim)})
     data = root / "held_out.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
@@ -119,6 +120,7 @@ def test_trained_draft_tau_above_one_and_lossless(trained, capsys):
     assert s["cost_ratio"] > 0
     assert s["implied_speedup"] == pytest.approx(s["tau"] / (1 + 3 * s["cost_ratio"]))
     assert rep["tau_sim"] == pytest.approx(tau_sim)
+    assert rep["tau_sim_train"] == 1.0 and f"{rep['tau_sim_train']:.3f} its own batches (last epoch)" in text
     total = sum(len(p["accept_lengths"]) for p in rep["prompts"])
     assert total == s["verify_steps"] and all(1 <= n <= 4 for p in rep["prompts"] for n in p["accept_lengths"])
     assert "tau (accept length" in text and "lossless: ok" in text
@@ -274,3 +276,19 @@ def test_tau_interval_is_a_bootstrap_over_prompts():
     lo, hi = tau_interval(spread)
     assert 1.0 <= lo < 2.5 < hi <= 4.0
     assert tau_interval([[2, 1]]) is None and tau_interval([[2, 1], []]) is None
+
+
+def test_train_tau_sim_is_the_last_epochs_own_batches_weighted_by_tokens(tmp_path):
+    """Validation's τ_sim stays what run_tau_sim reads; the training side averages the last epoch's
+    batches by supervised tokens (one batch is too noisy), ignoring bad lines and other splits."""
+    from core.export import run_tau_sim, run_train_tau_sim
+
+    lines = [{"split": "train", "epoch": 0, "tau_sim": 1.1, "supervised": 100},
+             {"split": "val", "step": 2, "tau_sim": 1.2},
+             {"split": "train", "epoch": 1, "tau_sim": 1.8, "supervised": 300},
+             {"split": "train", "epoch": 1, "tau_sim": 1.4, "supervised": 100},
+             {"split": "heldout", "step": 4, "tau": 1.3}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{torn")
+    assert run_train_tau_sim(tmp_path) == pytest.approx((1.8 * 300 + 1.4 * 100) / 400)
+    assert run_tau_sim(tmp_path) == pytest.approx(1.2)
+    assert run_train_tau_sim(tmp_path / "none") is None and run_tau_sim(None) is None

@@ -32,6 +32,9 @@ DEFINITIONS = {
     "cost_ratio": "one single-position draft step time / one single-token target decode forward time",
     "implied_speedup": "tau / (1 + k * cost_ratio)",
     "measured_speedup": "speculative tokens/s / plain greedy tokens/s, wall clock on this machine",
+    "tau_sim": "training's simulated τ (teacher-forced) on its validation share, the last one logged",
+    "tau_sim_train": "the same on the run's own training batches over its last epoch: far above tau_sim "
+                     "means the draft memorizes its data (more data is the lever)",
     "tau_interval": "95% bootstrap interval over prompts of tau: how far other prompts like these could move it",
     "measured_speedup_interval": "95% paired-bootstrap interval over prompts of measured_speedup",
     "by_k": "tau and measured speedup at each k of --compare-k (and the main k), the same prompts and "
@@ -188,7 +191,9 @@ def render_summary(report: dict[str, Any]) -> str:
         f"prompts {report['num_prompts']} ({prompt_set_label(s.get('prompt_set'))}), "
         f"k={report['num_draft_tokens']}, greedy, device {report['device']}",
         f"tau (accept length, bonus incl.) {f(s['tau'])}{interval_text(s.get('tau_interval'))}   "
-        f"tau_sim (training) {f(report.get('tau_sim'))}",
+        f"tau_sim (training) {f(report.get('tau_sim'))}" + (
+            f" validation, {f(report['tau_sim_train'])} its own batches (last epoch)"
+            if report.get("tau_sim_train") is not None else ""),
         "accept rate by draft position: " + ", ".join(f(x, "{:.2f}") for x in s["accept_rate"]),
         f"draft step {f(s['draft_step_ms'], '{:.2f}')} ms / target forward "
         f"{f(s['target_forward_ms'], '{:.2f}')} ms = cost ratio {f(s['cost_ratio'])}",

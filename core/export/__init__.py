@@ -52,22 +52,41 @@ def _target_info(target: str | None, recorded: dict[str, Any]) -> dict[str, Any]
     return info
 
 
-def run_tau_sim(run_dir: Path | None) -> float | None:
-    """The last simulated accept length logged by training (validation preferred)."""
+def _metric_records(run_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(split, metrics) of every readable line of a run's metrics.jsonl; none without one."""
     if run_dir is None or not (Path(run_dir) / "metrics.jsonl").is_file():
-        return None
-    best: dict[str, float] = {}
+        return []
+    out = []
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        metrics = rec.get("metrics", rec) if isinstance(rec, dict) else {}
-        split = str(rec.get("split", "train")) if isinstance(rec, dict) else "train"
+        if isinstance(rec, dict):
+            out.append((str(rec.get("split", "train")), rec.get("metrics", rec)))
+    return out
+
+
+def run_tau_sim(run_dir: Path | None) -> float | None:
+    """The last simulated accept length logged by training (validation preferred)."""
+    best: dict[str, float] = {}
+    for split, metrics in _metric_records(run_dir):
         for k, v in metrics.items():
             if k.endswith("tau_sim") and isinstance(v, (int, float)):
                 best[split] = float(v)
     return best.get("val", best.get("train"))
+
+
+def run_train_tau_sim(run_dir: Path | None) -> float | None:
+    """Simulated τ on the run's own training batches over its last epoch, weighted by supervised
+    tokens: next to validation's, the gap says how much of what the draft learned is memorized."""
+    rows = [m for split, m in _metric_records(run_dir) if split == "train"
+            and isinstance(m.get("tau_sim"), (int, float)) and isinstance(m.get("epoch"), (int, float))]
+    if not rows:
+        return None
+    last = [m for m in rows if m["epoch"] == max(r["epoch"] for r in rows)]
+    weight = sum(float(m.get("supervised") or 1) for m in last)
+    return sum(float(m["tau_sim"]) * float(m.get("supervised") or 1) for m in last) / weight
 
 
 def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict]:
@@ -81,7 +100,8 @@ def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict
     state = {k: v for k, v in draft.state_dict().items()}
     produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
                    "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
-                   "tau_sim": run_tau_sim(info.run_dir), "checkpoint": which,
+                   "tau_sim": run_tau_sim(info.run_dir), "tau_sim_train": run_train_tau_sim(info.run_dir),
+                   "checkpoint": which,
                    # the weights by content: an export is current for these weights wherever they lie
                    "weights_sha256": sha256_file(Path(info.checkpoint_dir) / DRAFT_FILE)}
     best = info.run_dir / BEST_INFO if info.run_dir else None

@@ -157,6 +157,8 @@ def _print_summary(s: dict) -> None:
 
     if s.get("tau") is not None:
         sim = f"; training's simulated τ {s['tau_sim']:.2f}" if s.get("tau_sim") else ""
+        if s.get("tau_sim") and s.get("tau_sim_train"):
+            sim += f" on validation, {s['tau_sim_train']:.2f} on its own batches"
         rates = " / ".join(f"{r:.2f}" for r in s.get("accept_rate") or [] if r is not None)
         common.echo(f"accept length τ {s['tau']:.2f}{interval_text(s.get('tau_interval'))} "
                     f"(real chain decoding, k={s['num_draft_tokens']}, "

@@ -123,7 +123,8 @@ def stage_list(stages: dict[str, StageView], steps: list[str]) -> Text:
 
 PIPELINE_KEYS = [("tau", "accept length τ (real decoding)"),
                  ("tau_interval", "τ, 95% interval over prompts"), ("prompt_set", "τ measured on"),
-                 ("tau_sim", "τ_sim (training)"), ("best_heldout_tau", "checkpoint's held-out τ"),
+                 ("tau_sim", "τ_sim (training, validation)"),
+                 ("tau_sim_train", "τ_sim on its own batches"), ("best_heldout_tau", "checkpoint's held-out τ"),
                  ("measured_speedup", "speedup measured here"),
                  ("measured_speedup_interval", "speedup measured here, 95% interval over prompts"),
                  ("implied_speedup", "implied speedup"),
