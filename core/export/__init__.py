@@ -84,7 +84,8 @@ def run_train_tau_sim(run_dir: Path | None) -> float | None:
             and isinstance(m.get("tau_sim"), (int, float)) and isinstance(m.get("epoch"), (int, float))]
     if not rows:
         return None
-    last = [m for m in rows if m["epoch"] == max(r["epoch"] for r in rows)]
+    final = max(m["epoch"] for m in rows)
+    last = [m for m in rows if m["epoch"] == final]
     weight = sum(float(m.get("supervised") or 1) for m in last)
     return sum(float(m["tau_sim"]) * float(m.get("supervised") or 1) for m in last) / weight
 
