@@ -154,8 +154,8 @@ def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[
                                               target_num_layers=int(target.config.num_hidden_layers))
     if info.kind == "checkpoint":
         return draft, {"kind": "run", "checkpoint": str(info.checkpoint_dir), "step": info.step,
-                       "chosen": cfg.checkpoint, "tau_sim": run_tau_sim(info.run_dir),
-                       "tau_sim_train": run_train_tau_sim(info.run_dir)}
+                       "chosen": cfg.checkpoint, "tau_sim": run_tau_sim(info.run_dir, info.step),
+                       "tau_sim_train": run_train_tau_sim(info.run_dir, info.step)}
     produced = info.meta.get("produced_by") or {}
     return draft, {"kind": "export", "produced_by": produced, "tau_sim": produced.get("tau_sim"),
                    "tau_sim_train": produced.get("tau_sim_train")}

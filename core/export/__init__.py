@@ -67,20 +67,28 @@ def _metric_records(run_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def run_tau_sim(run_dir: Path | None) -> float | None:
-    """The last simulated accept length logged by training (validation preferred)."""
+def _upto(metrics: dict[str, Any], step: int | None) -> bool:
+    return step is None or not isinstance(metrics.get("step"), (int, float)) or metrics["step"] <= step
+
+
+def run_tau_sim(run_dir: Path | None, step: int | None = None) -> float | None:
+    """The simulated accept length training logged last (validation preferred), up to `step` when
+    given: the checkpoint eval or export took, which `best` may have chosen before the end."""
     best: dict[str, float] = {}
     for split, metrics in _metric_records(run_dir):
+        if not _upto(metrics, step):
+            continue
         for k, v in metrics.items():
             if k.endswith("tau_sim") and isinstance(v, (int, float)):
                 best[split] = float(v)
     return best.get("val", best.get("train"))
 
 
-def run_train_tau_sim(run_dir: Path | None) -> float | None:
-    """Simulated τ on the run's own training batches over its last epoch, weighted by supervised
-    tokens: next to validation's, the gap says how much of what the draft learned is memorized."""
-    rows = [m for split, m in _metric_records(run_dir) if split == "train"
+def run_train_tau_sim(run_dir: Path | None, step: int | None = None) -> float | None:
+    """Simulated τ on the run's own training batches over its last epoch (up to `step`), weighted by
+    supervised tokens: next to validation's, the gap says how much of what the draft learned is
+    memorized."""
+    rows = [m for split, m in _metric_records(run_dir) if split == "train" and _upto(m, step)
             and isinstance(m.get("tau_sim"), (int, float)) and isinstance(m.get("epoch"), (int, float))]
     if not rows:
         return None
@@ -101,7 +109,8 @@ def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict
     state = {k: v for k, v in draft.state_dict().items()}
     produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
                    "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
-                   "tau_sim": run_tau_sim(info.run_dir), "tau_sim_train": run_train_tau_sim(info.run_dir),
+                   "tau_sim": run_tau_sim(info.run_dir, info.step),
+                   "tau_sim_train": run_train_tau_sim(info.run_dir, info.step),
                    "checkpoint": which,
                    # the weights by content: an export is current for these weights wherever they lie
                    "weights_sha256": sha256_file(Path(info.checkpoint_dir) / DRAFT_FILE)}
