@@ -167,14 +167,13 @@ def evaluate_one(run_dir: str, target: Path, data: Path, a: argparse.Namespace) 
 
 def tau_loss_interval(base: list[dict], other: list[dict], n: int = 2000) -> tuple[float, float]:
     """95% paired-bootstrap interval (over prompts) of 1 - τ(other)/τ(base), in %."""
-    from core.evaluate.report import bootstrap_interval, pooled_tau, resample
+    from core.evaluate.report import bootstrap_interval, prompts_tau, resample
 
-    def totals(rows, pick):
-        return pooled_tau([d for i in pick for d in rows[i]["accepted_drafts"]]) or 1.0
+    b, o = ([r["accepted_drafts"] for r in rows] for rows in (base, other))
 
     def loss(rng) -> float:
-        pick = resample(rng, len(base))
-        return 100 * (1 - totals(other, pick) / totals(base, pick))
+        pick = resample(rng, len(b))
+        return 100 * (1 - prompts_tau(o, pick) / prompts_tau(b, pick))
 
     return bootstrap_interval(loss, n)
 

@@ -85,14 +85,11 @@ def data_curve(rows: list[dict[str, Any]], cache_samples: int) -> str | None:
 def paired_ratio_interval(base: list[list[int]], other: list[list[int]], n: int = 2000) -> tuple[float, float]:
     """95% bootstrap interval over prompts of τ(other) / τ(base); each list holds, per prompt, the
     accepted draft counts of every verification."""
-    from core.evaluate.report import bootstrap_interval, pooled_tau, resample
-
-    def tau(rows: list[list[int]], pick: list[int]) -> float:
-        return pooled_tau([a for i in pick for a in rows[i]]) or 1.0
+    from core.evaluate.report import bootstrap_interval, prompts_tau, resample
 
     def ratio(rng) -> float:
         pick = resample(rng, len(base))
-        return tau(other, pick) / tau(base, pick)
+        return prompts_tau(other, pick) / prompts_tau(base, pick)
 
     return bootstrap_interval(ratio, n)
 

@@ -279,9 +279,9 @@ def test_tau_interval_is_a_bootstrap_over_prompts():
 
 
 def test_tau_sims_are_of_the_chosen_step_the_training_side_its_last_epoch_by_tokens(tmp_path):
-    """Validation's τ_sim stays what run_tau_sim reads; the training side averages the last epoch's
+    """Validation's τ_sim is the last one logged; the training side averages the last epoch's
     batches by supervised tokens (one batch is too noisy), ignoring bad lines and other splits."""
-    from core.export import run_tau_sim, run_train_tau_sim
+    from core.export import run_tau_sims
 
     lines = [{"split": "train", "step": 1, "epoch": 0, "tau_sim": 1.1, "supervised": 100},
              {"split": "train", "step": 2, "epoch": 0, "tau_sim": 1.3, "supervised": 100},
@@ -291,9 +291,9 @@ def test_tau_sims_are_of_the_chosen_step_the_training_side_its_last_epoch_by_tok
              {"split": "val", "step": 4, "tau_sim": 1.25},
              {"split": "heldout", "step": 4, "tau": 1.3}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{torn")
-    assert run_train_tau_sim(tmp_path) == pytest.approx((1.8 * 300 + 1.4 * 100) / 400)
-    assert run_tau_sim(tmp_path) == pytest.approx(1.25)
+    val, own = run_tau_sims(tmp_path)
+    assert own == pytest.approx((1.8 * 300 + 1.4 * 100) / 400)
+    assert val == pytest.approx(1.25)
     # the checkpoint of step 2 (a `best` chosen before the end): what training logged up to it
-    assert run_tau_sim(tmp_path, 2) == pytest.approx(1.2)
-    assert run_train_tau_sim(tmp_path, 2) == pytest.approx(1.2)
-    assert run_train_tau_sim(tmp_path / "none") is None and run_tau_sim(None) is None
+    assert run_tau_sims(tmp_path, 2) == (pytest.approx(1.2), pytest.approx(1.2))
+    assert run_tau_sims(tmp_path / "none") == (None, None) == run_tau_sims(None)

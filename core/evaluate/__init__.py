@@ -146,16 +146,16 @@ def check_held_out(cfg: EvalConfig, prompts: list[tuple[int, str, list[int]]]) -
 
 def _load_draft(cfg: EvalConfig, target: Any, device: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
     """(draft, info) for a run / checkpoint or a serving folder."""
-    from core.export import run_tau_sim, run_train_tau_sim
+    from core.export import run_tau_sims
     from core.model import Eagle3Draft
 
     draft, info = Eagle3Draft.from_pretrained(cfg.draft, target, which=cfg.checkpoint, device=device,
                                               dtype=dtype, with_info=True,
                                               target_num_layers=int(target.config.num_hidden_layers))
     if info.kind == "checkpoint":
+        tau_sim, tau_sim_train = run_tau_sims(info.run_dir, info.step)
         return draft, {"kind": "run", "checkpoint": str(info.checkpoint_dir), "step": info.step,
-                       "chosen": cfg.checkpoint, "tau_sim": run_tau_sim(info.run_dir, info.step),
-                       "tau_sim_train": run_train_tau_sim(info.run_dir, info.step)}
+                       "chosen": cfg.checkpoint, "tau_sim": tau_sim, "tau_sim_train": tau_sim_train}
     produced = info.meta.get("produced_by") or {}
     return draft, {"kind": "export", "produced_by": produced, "tau_sim": produced.get("tau_sim"),
                    "tau_sim_train": produced.get("tau_sim_train")}
@@ -284,7 +284,8 @@ def evaluate(cfg: EvalConfig, events: EventSink | None = None) -> dict[str, Any]
         "num_prompts": len(rows), "num_draft_tokens": cfg.num_draft_tokens,
         "max_new_tokens": cfg.max_new_tokens, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "aux_layer_ids": list(draft.config.aux_layer_ids),
-        "tau_sim": dinfo.get("tau_sim"), "tau_sim_train": dinfo.get("tau_sim_train"), "summary": summary, "definitions": DEFINITIONS,
+        "tau_sim": dinfo.get("tau_sim"), "tau_sim_train": dinfo.get("tau_sim_train"),
+        "summary": summary, "definitions": DEFINITIONS,
         "settings": cfg.to_dict(),
         "prompts": [{k: v for k, v in r.items() if k not in timing_keys} for r in rows],
     }

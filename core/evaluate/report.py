@@ -32,8 +32,9 @@ DEFINITIONS = {
     "cost_ratio": "one single-position draft step time / one single-token target decode forward time",
     "implied_speedup": "tau / (1 + k * cost_ratio)",
     "measured_speedup": "speculative tokens/s / plain greedy tokens/s, wall clock on this machine",
-    "tau_sim": "training's simulated τ (teacher-forced) on its validation share, the last one logged",
-    "tau_sim_train": "the same on the run's own training batches over its last epoch: far above tau_sim "
+    "tau_sim": "training's simulated τ (teacher-forced) on its validation share, the last one logged "
+               "up to the measured checkpoint",
+    "tau_sim_train": "the same on the run's own training batches over their last epoch: far above tau_sim "
                      "means the draft memorizes its data (more data is the lever)",
     "tau_interval": "95% bootstrap interval over prompts of tau: how far other prompts like these could move it",
     "measured_speedup_interval": "95% paired-bootstrap interval over prompts of measured_speedup",
@@ -95,13 +96,18 @@ def resample(rng: random.Random, m: int) -> list[int]:
     return [rng.randrange(m) for _ in range(m)]
 
 
+def prompts_tau(per_prompt: list[list[int]], pick: list[int]) -> float:
+    """Pooled τ of the picked prompts (a bootstrap resample may pick one twice); per_prompt holds each
+    prompt's accepted draft counts per verification. 1.0 when they hold no verification."""
+    return pooled_tau([a for i in pick for a in per_prompt[i]]) or 1.0
+
+
 def tau_interval(per_prompt: list[list[int]], n: int = 2000) -> list[float] | None:
-    """95% bootstrap interval over prompts of the pooled τ; per_prompt holds each prompt's accepted
-    draft counts per verification. None with fewer than two prompts (no spread to measure)."""
+    """95% bootstrap interval over prompts of the pooled τ. None with fewer than two prompts that
+    verified anything (no spread to measure)."""
     if len([p for p in per_prompt if p]) < 2:
         return None
-    return list(bootstrap_interval(
-        lambda rng: pooled_tau([a for i in resample(rng, len(per_prompt)) for a in per_prompt[i]]) or 1.0, n))
+    return list(bootstrap_interval(lambda rng: prompts_tau(per_prompt, resample(rng, len(per_prompt))), n))
 
 
 def speedup_interval(pairs: list[tuple[int, float, int, float]], n: int = 2000) -> list[float] | None:

@@ -71,31 +71,29 @@ def _upto(metrics: dict[str, Any], step: int | None) -> bool:
     return step is None or not isinstance(metrics.get("step"), (int, float)) or metrics["step"] <= step
 
 
-def run_tau_sim(run_dir: Path | None, step: int | None = None) -> float | None:
-    """The simulated accept length training logged last (validation preferred), up to `step` when
-    given: the checkpoint eval or export took, which `best` may have chosen before the end."""
-    best: dict[str, float] = {}
+def run_tau_sims(run_dir: Path | None, step: int | None = None) -> tuple[float | None, float | None]:
+    """(validation, own batches) simulated τ of a run, from what training logged up to `step` when
+    given (the checkpoint eval or export took; `best` may come before the end), in one read:
+    - validation: the last one logged (the training side's last when no validation was);
+    - own batches: their last epoch, weighted by supervised tokens (one batch is too noisy). Next to
+      validation's, the gap says how much of what the draft learned is memorized."""
+    last: dict[str, float] = {}
+    rows = []
     for split, metrics in _metric_records(run_dir):
         if not _upto(metrics, step):
             continue
         for k, v in metrics.items():
             if k.endswith("tau_sim") and isinstance(v, (int, float)):
-                best[split] = float(v)
-    return best.get("val", best.get("train"))
-
-
-def run_train_tau_sim(run_dir: Path | None, step: int | None = None) -> float | None:
-    """Simulated τ on the run's own training batches over its last epoch (up to `step`), weighted by
-    supervised tokens: next to validation's, the gap says how much of what the draft learned is
-    memorized."""
-    rows = [m for split, m in _metric_records(run_dir) if split == "train" and _upto(m, step)
-            and isinstance(m.get("tau_sim"), (int, float)) and isinstance(m.get("epoch"), (int, float))]
-    if not rows:
-        return None
-    final = max(m["epoch"] for m in rows)
-    last = [m for m in rows if m["epoch"] == final]
-    weight = sum(float(m.get("supervised") or 1) for m in last)
-    return sum(float(m["tau_sim"]) * float(m.get("supervised") or 1) for m in last) / weight
+                last[split] = float(v)
+        if split == "train" and isinstance(metrics.get("tau_sim"), (int, float)) \
+                and isinstance(metrics.get("epoch"), (int, float)):
+            rows.append(metrics)
+    own = None
+    if rows:
+        final = max(m["epoch"] for m in rows)
+        epoch = [(float(m["tau_sim"]), float(m.get("supervised") or 1)) for m in rows if m["epoch"] == final]
+        own = sum(t * w for t, w in epoch) / sum(w for _, w in epoch)
+    return last.get("val", last.get("train")), own
 
 
 def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict]:
@@ -107,11 +105,10 @@ def _from_run(source: Path, which: str = "best") -> tuple[dict, dict, dict, dict
     draft, info = Eagle3Draft.from_pretrained(source, which=which, with_info=True)
     cfg = draft.config.to_dict()
     state = {k: v for k, v in draft.state_dict().items()}
+    tau_sim, tau_sim_train = run_tau_sims(info.run_dir, info.step)
     produced_by = {"kind": "train", "source": str(Path(info.checkpoint_dir).resolve()),
                    "run_dir": str(info.run_dir) if info.run_dir else None, "step": info.step,
-                   "tau_sim": run_tau_sim(info.run_dir, info.step),
-                   "tau_sim_train": run_train_tau_sim(info.run_dir, info.step),
-                   "checkpoint": which,
+                   "tau_sim": tau_sim, "tau_sim_train": tau_sim_train, "checkpoint": which,
                    # the weights by content: an export is current for these weights wherever they lie
                    "weights_sha256": sha256_file(Path(info.checkpoint_dir) / DRAFT_FILE)}
     best = info.run_dir / BEST_INFO if info.run_dir else None
