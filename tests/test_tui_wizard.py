@@ -138,7 +138,8 @@ async def test_regen_pane_skip_and_server_choices(tmp_path):
         assert app.config.regen.launch is None and not servers.disabled
         assert "regen.servers" in reason(app)  # URLs mode needs a URL
         await set_input(pilot, "f-regen-servers", "localhost:30000")
-        assert "http:// or https://" in reason(app)
+        # the check runs on the input's change event, which a loaded machine may deliver a frame later
+        await wait_for(lambda: "http:// or https://" in reason(app), "the URL scheme check")(pilot)
         await set_input(pilot, "f-regen-servers", "http://a:1, http://b:2")
         assert app.config.regen.servers == ["http://a:1", "http://b:2"] and reason(app) == ""
         w.query_one("#f-regen-enabled-control", Switch).value = True  # skip
