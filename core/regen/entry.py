@@ -148,13 +148,22 @@ def _regenerate(cfg: RegenConfig, events: EventSink | None) -> RegenResult:
                         log_path=Path(cfg.output_dir) / WORK_DIR / f"{cfg.launch}-server.log"))
                     events(Log(stage=STAGE, message=f"target server ready at {server.url}"))
                     run.urls, run.model = [server.url], server.model_name
+                    if cfg.temperature > 0 and cfg.seed is not None and not server.seeds_requests:
+                        run.seed = None
+                        events(Log(stage=STAGE, message=(
+                            f"{cfg.launch} on CPU cannot seed single requests (its engine dies on them), "
+                            f"so these answers, sampled at temperature {cfg.temperature:g}, are not "
+                            f"reproducible per sample")))
                 return asyncio.run(run.main(todo))
         except AllServersDeadError:
-            if server is not None and not server.alive():  # say why: the server's own last words
+            if server is not None:  # say why: the server's own words (a crashing one may still be shutting down)
                 from core.target_server import TargetServerError
 
+                state = "died" if server.wait_exit(10) else "stopped answering"
+                cause = server.root_cause()
                 raise TargetServerError(
-                    f"the {cfg.launch} server we started died during the run; log "
-                    f"{server.log_path} ends with:\n{server.log_tail()}",
+                    f"the {cfg.launch} server we started {state} during the run"
+                    + (f" ({cause})" if cause else "")
+                    + f"; log {server.log_path} ends with:\n{server.log_tail()}",
                     hint="fix the cause, then re-run with --resume") from None
             raise

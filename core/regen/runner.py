@@ -54,6 +54,7 @@ class RegenRun:
     def __init__(self, cfg, events, convs, report, manifest, resumed, urls, model):
         self.cfg, self.events, self.convs, self.manifest = cfg, events, convs, manifest
         self.resumed, self.urls, self.model = resumed, urls, model
+        self.seed = cfg.seed  # None: requests carry no seed (an engine that cannot take one)
         self.out = Path(cfg.output_dir)
         self.bad_rows = [{"index": int(b.index), "kind": "bad_row", "reason": f"{b.reason}: {b.detail}",
                           "attempts": 0} for b in report.bad_rows]
@@ -254,7 +255,7 @@ class RegenRun:
             self.requested += 1
             try:
                 r = await replay(conv.messages, plan(conv.messages, cfg.turns), conv.index,
-                                 cfg.seed, self.client.chat)
+                                 self.seed, self.client.chat)
                 entry = {"index": conv.index, "status": DONE, "messages": r.messages,
                          "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                          "completion_tokens": r.completion_tokens, "reasoning": r.reasoning,
