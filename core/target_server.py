@@ -223,6 +223,7 @@ class TargetServer:
     proc: subprocess.Popen | None = None
     _log_file: object = field(default=None, repr=False)
     device: str = "auto"
+    log_start: int = 0  # the log's size when this server started: the file is appended to across runs
 
     @property
     def seeds_requests(self) -> bool:
@@ -250,11 +251,13 @@ class TargetServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def root_cause(self) -> str | None:
-        """The first exception line after the first traceback in the log: what killed the server,
-        where the tail holds only shutdown noise (vLLM logs its engine's error, then the API
+        """The first exception line after this run's first traceback in the log: what killed the
+        server, where the tail holds only shutdown noise (vLLM logs its engine's error, then the API
         server's EngineDeadError, then a minute of shutdown messages)."""
         try:
-            text = self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_start)
+                text = f.read().decode(errors="replace")
         except OSError:
             return None
         start = text.find("Traceback (most recent call last)")
@@ -357,7 +360,8 @@ def launch_server(backend: str, model: str, host: str, port: int, argv: list[str
     if backend == "vllm" and device == "cpu":
         child_env.update(vllm_cpu_env(child_env))
     log_file = open(log_path, "ab")
-    server = TargetServer(backend, model, host, port, argv, log_path, _log_file=log_file, device=device)
+    server = TargetServer(backend, model, host, port, argv, log_path, _log_file=log_file, device=device,
+                          log_start=log_file.tell())
     server.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env,
                                    start_new_session=True, preexec_fn=die_with_parent)
