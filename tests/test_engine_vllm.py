@@ -189,10 +189,12 @@ def test_sampled_regen_with_many_prompts_in_flight_finishes(vllm_cpu, tiny_targe
     """Temperature 1 with a seed and 64 prompts at once: vLLM-CPU's engine dies on a seeded request
     whose prefill is chunked ("CPU Generator does not use offset"), so against a launched vLLM-CPU
     regeneration sends no per-request seed and says so; every sample is answered."""
+    import random
+
     from core.events import CallbackSink, Log
     from core.regen import RegenConfig, regenerate
 
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     words = "the quick brown fox jumps over a lazy dog while seven happy birds sing".split()
     inp = tmp_path / "in.jsonl"
     with open(inp, "w") as f:  # 64 prompts of ~80 words: more than one 2048-token prefill batch
