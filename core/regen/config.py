@@ -40,7 +40,8 @@ class RegenSettings(Settings):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: Optional[int] = Field(None, ge=0, description="Base seed (each sample and turn gets its own "
-                                "seed derived from it).")
+                                "seed derived from it; a launched vLLM on CPU gets none: its engine "
+                                "dies on seeded sampled requests).")
     reasoning: Literal[REASONING_MODES] = Field("none", description="none | save (keep the server's "
                                                 "reasoning field in a `reasoning` column) | disable (ask "
                                                 "the chat template to turn thinking off).")
